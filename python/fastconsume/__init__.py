@@ -1,0 +1,29 @@
+"""fastconsume: consume Kafka and fan every batch out to Python plugins, from a Rust core.
+
+>>> import fastconsume as fc
+>>> app = fc.App(bootstrap="127.0.0.1:9092", group="feeds", topics=["events"])
+>>> @app.plugin
+... def index(batch: fc.Batch) -> None:
+...     for message in batch:
+...         pass
+>>> app.plugins[0].name
+'index'
+"""
+
+from __future__ import annotations
+
+from ._app import App
+from ._core import Batch, Message, __version__
+from .errors import ConfigError, FastconsumeError, KafkaConnectionError, KafkaError, PluginError
+
+__all__ = [
+    "App",
+    "Batch",
+    "ConfigError",
+    "FastconsumeError",
+    "KafkaConnectionError",
+    "KafkaError",
+    "Message",
+    "PluginError",
+    "__version__",
+]

@@ -1,0 +1,195 @@
+"""``App``: the consumer, its plugins, and how a run starts and stops."""
+
+from __future__ import annotations
+
+import signal
+import threading
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import ExitStack, contextmanager
+from types import FrameType
+from typing import Any, TypeVar, overload
+
+from . import _core
+from ._durations import Duration, seconds
+from ._plugins import DEFAULT_BATCH_SIZE, DEFAULT_LINGER, AsyncLoop, Plugin, PluginFunc, SyncPlugin, make_plugin
+from .errors import ConfigError
+
+F = TypeVar("F", bound=PluginFunc)
+
+DEFAULT_CONNECT_TIMEOUT = 10.0
+"""Seconds to wait for the brokers' first answer before raising ``KafkaConnectionError``."""
+
+
+class App:
+    """A Kafka consumer that hands every batch to each of its plugins.
+
+    Offsets are committed only once every plugin has returned for a message, so delivery is
+    at least once: after a crash or a plugin error, uncommitted messages come again.
+
+    >>> import fastconsume as fc
+    >>> app = fc.App(bootstrap="127.0.0.1:9092", group="feeds", topics=["events"],
+    ...              kafka={"fetch.wait.max.ms": 100})
+    >>> @app.plugin(batch_size=100, linger="20ms")
+    ... def count(batch: fc.Batch) -> None:
+    ...     print(len(batch))
+    >>> [plugin.name for plugin in app.plugins]
+    ['count']
+
+    Args:
+        bootstrap: ``host:port[,host:port...]`` of the Kafka brokers.
+        group: The consumer group. Processes sharing it share the partitions.
+        topics: The topics to consume.
+        kafka: librdkafka properties, passed through (values are turned into strings).
+            ``auto.offset.reset`` defaults to ``earliest``. fastconsume sets
+            ``bootstrap.servers``, ``group.id``, ``enable.auto.commit`` and
+            ``enable.auto.offset.store`` itself.
+        connect_timeout: How long ``run()`` waits for the brokers before raising
+            :class:`~fastconsume.errors.KafkaConnectionError`.
+    """
+
+    def __init__(
+        self,
+        bootstrap: str,
+        group: str,
+        topics: str | Sequence[str],
+        *,
+        kafka: Mapping[str, object] | None = None,
+        connect_timeout: Duration = DEFAULT_CONNECT_TIMEOUT,
+    ) -> None:
+        topic_list = [topics] if isinstance(topics, str) else list(topics)
+        if not all(isinstance(t, str) for t in topic_list):
+            raise ConfigError(f"topics must be strings, got {topic_list!r}")
+        self._core = _core.Consumer(
+            bootstrap=bootstrap,
+            group=group,
+            topics=topic_list,
+            kafka=[(str(k), _property_value(v)) for k, v in (kafka or {}).items()],
+            connect_timeout=seconds(connect_timeout, "connect_timeout"),
+        )
+        self._plugins: list[Plugin] = []
+
+    @property
+    def plugins(self) -> tuple[Plugin, ...]:
+        """The registered plugins, in the order they run."""
+        return tuple(self._plugins)
+
+    @overload
+    def plugin(self, func: F, /) -> F: ...
+
+    @overload
+    def plugin(
+        self, *, name: str | None = None, batch_size: int = DEFAULT_BATCH_SIZE, linger: Duration = DEFAULT_LINGER
+    ) -> Callable[[F], F]: ...
+
+    def plugin(
+        self,
+        func: F | None = None,
+        /,
+        *,
+        name: str | None = None,
+        batch_size: int = DEFAULT_BATCH_SIZE,
+        linger: Duration = DEFAULT_LINGER,
+    ) -> F | Callable[[F], F]:
+        """Registers a plugin: a callable, sync or ``async``, that takes a :class:`Batch`.
+
+        Usable bare (``@app.plugin``) or with options (``@app.plugin(batch_size=100)``).
+
+        Args:
+            name: Names the plugin in stats and errors; defaults to the function's name.
+            batch_size: The most messages one call receives.
+            linger: How long a batch may wait to fill once it holds a message.
+        """
+
+        def register(f: F) -> F:
+            plugin = make_plugin(f, name=name, batch_size=batch_size, linger=linger)
+            if any(p.name == plugin.name for p in self._plugins):
+                raise ConfigError(f"a plugin named {plugin.name!r} is already registered; pass name=...")
+            self._plugins.append(plugin)
+            return f
+
+        return register if func is None else register(func)
+
+    def run(self, *, idle_timeout: Duration | None = None) -> None:
+        """Consumes until :meth:`stop`, SIGINT or SIGTERM, then commits and leaves the group.
+
+        With ``idle_timeout``, returns once nothing new has arrived for that long (counted
+        from partition assignment, so a slow group join is not idle) and all is committed.
+
+        A second SIGINT or SIGTERM raises ``KeyboardInterrupt`` at once; only completed
+        work is committed. A plugin that raises stops the run with
+        :class:`~fastconsume.errors.PluginError`.
+        """
+        if not self._plugins:
+            raise ConfigError("register at least one plugin before run()")
+        idle = None if idle_timeout is None else seconds(idle_timeout, "idle_timeout")
+        linger = min(p.linger for p in self._plugins)
+        with ExitStack() as stack:
+            calls = self._plugin_calls(stack)
+            run = lambda: self._core.run(calls, linger=linger, idle_timeout=idle)  # noqa: E731
+            if threading.current_thread() is threading.main_thread():
+                with _signals_call(self.stop):
+                    _run_interruptibly(run)
+            else:
+                run()
+
+    def _plugin_calls(self, stack: ExitStack) -> list[tuple[str, SyncPlugin, int]]:
+        loop = stack.enter_context(AsyncLoop()) if any(p.is_async for p in self._plugins) else None
+        calls: list[tuple[str, SyncPlugin, int]] = []
+        for p in self._plugins:
+            call = loop.wrap(p.func) if loop is not None and p.is_async else p.func  # type: ignore[arg-type]
+            calls.append((p.name, call, p.batch_size))  # type: ignore[arg-type]
+        return calls
+
+    def stop(self) -> None:
+        """Ends the current run gracefully; callable from any thread, a plugin or a signal
+        handler. Called before ``run()``, it makes the next run return at once."""
+        self._core.stop()
+
+    def stats(self) -> dict[str, Any]:
+        """Counters of the current or last run: messages and batches every plugin finished,
+        and per plugin its batches, messages, errors, busy time and slowest call."""
+        return self._core.stats()
+
+
+def _property_value(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+@contextmanager
+def _signals_call(stop: Callable[[], None]) -> Iterator[None]:
+    """Routes SIGINT and SIGTERM to ``stop`` for the duration; a second one interrupts."""
+    received: list[int] = []
+
+    def handle(signum: int, frame: FrameType | None) -> None:
+        received.append(signum)
+        if len(received) > 1:
+            raise KeyboardInterrupt(f"second signal {signal.Signals(signum).name}: stopping at once")
+        stop()
+
+    previous = {s: signal.signal(s, handle) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def _run_interruptibly(run: Callable[[], None]) -> None:
+    """Runs on a helper thread while the main thread waits in ``join``, which Python
+    interrupts to run signal handlers. The run's exception is re-raised here."""
+    failure: list[BaseException] = []
+
+    def target() -> None:
+        try:
+            run()
+        except BaseException as error:  # re-raised on the calling thread below
+            failure.append(error)
+
+    # Daemon, so a second signal can end the process without waiting for the run.
+    thread = threading.Thread(target=target, name="fastconsume-run", daemon=True)
+    thread.start()
+    thread.join()
+    if failure:
+        raise failure[0]

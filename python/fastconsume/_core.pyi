@@ -1,0 +1,81 @@
+"""Stubs for the native module. Checked against the module by ``mypy.stubtest``."""
+
+from collections.abc import Callable, Iterator
+from typing import Any, final
+
+__version__: str
+
+@final
+class Message:
+    """A Kafka message. Immutable; shared by every plugin that sees it."""
+
+    @property
+    def key(self) -> bytes | None: ...
+    @property
+    def value(self) -> bytes | None: ...
+    @property
+    def headers(self) -> tuple[tuple[str, bytes | None], ...]:
+        """``(name, value)`` pairs, in the order the producer wrote them."""
+    @property
+    def topic(self) -> str: ...
+    @property
+    def partition(self) -> int: ...
+    @property
+    def offset(self) -> int: ...
+    @property
+    def timestamp(self) -> int | None:
+        """Milliseconds since the epoch, or ``None`` if the broker gave none."""
+
+@final
+class Batch:
+    """The messages one plugin call receives, in offset order per partition."""
+
+    @property
+    def plugin(self) -> str:
+        """The name of the plugin this batch was made for."""
+    def __len__(self) -> int: ...
+    def __iter__(self) -> Iterator[Message]: ...
+    def __getitem__(self, index: int) -> Message: ...
+    def values(self) -> list[bytes | None]:
+        """The message values in order, without building ``Message`` objects."""
+
+@final
+class Consumer:
+    def __new__(
+        cls,
+        *,
+        bootstrap: str,
+        group: str,
+        topics: list[str],
+        kafka: list[tuple[str, str]],
+        connect_timeout: float,
+    ) -> Consumer: ...
+    def run(
+        self,
+        plugins: list[tuple[str, Callable[[Batch], object], int]],
+        *,
+        linger: float,
+        idle_timeout: float | None = None,
+    ) -> None: ...
+    def stop(self) -> None: ...
+    def stats(self) -> dict[str, Any]: ...
+
+@final
+class MockCluster:
+    """librdkafka's in-process Kafka cluster. It lives until this object is collected."""
+
+    def __new__(cls, brokers: int = 1) -> MockCluster: ...
+    @property
+    def bootstrap(self) -> str:
+        """``host:port,...`` for ``App(bootstrap=...)``."""
+    def create_topic(self, topic: str, partitions: int = 1) -> None: ...
+
+def produce(
+    bootstrap: str,
+    topic: str,
+    values: list[bytes],
+    *,
+    keys: list[bytes] | None = None,
+    partition: int | None = None,
+) -> int:
+    """Produces ``values`` to ``topic`` and waits for every acknowledgement."""

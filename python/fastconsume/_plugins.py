@@ -1,0 +1,94 @@
+"""Plugin registration: validation of the callable and its options, and async adaptation."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import threading
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, Union
+
+from ._core import Batch
+from ._durations import Duration, seconds
+from .errors import ConfigError
+
+SyncPlugin = Callable[[Batch], object]
+AsyncPlugin = Callable[[Batch], Awaitable[object]]
+PluginFunc = Union[SyncPlugin, AsyncPlugin]
+
+DEFAULT_BATCH_SIZE = 500
+DEFAULT_LINGER = "20ms"
+
+
+@dataclass(frozen=True)
+class Plugin:
+    """A registered plugin and its validated options."""
+
+    name: str
+    func: PluginFunc
+    batch_size: int
+    linger: float
+    is_async: bool
+
+
+def make_plugin(func: object, *, name: str | None, batch_size: int, linger: Duration) -> Plugin:
+    """Validates a plugin at registration, so mistakes surface before ``run()``."""
+    if not callable(func):
+        raise TypeError(f"a plugin must be callable, got {type(func).__name__}: {func!r}")
+    try:
+        inspect.signature(func).bind(object())
+    except TypeError:
+        raise TypeError(f"plugin {_name_of(func)!r} must accept one positional argument, the batch") from None
+    except ValueError:
+        pass  # no introspectable signature (some builtins): trust the caller
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}")
+    plugin_name = name if name is not None else _name_of(func)
+    if not isinstance(plugin_name, str) or not plugin_name:
+        raise ConfigError(f"a plugin name must be a non-empty string, got {plugin_name!r}")
+    return Plugin(
+        name=plugin_name,
+        func=func,  # type: ignore[arg-type]  # checked callable with one argument above
+        batch_size=batch_size,
+        linger=seconds(linger, "linger"),
+        is_async=inspect.iscoroutinefunction(func) or inspect.iscoroutinefunction(getattr(func, "__call__", None)),
+    )
+
+
+def _name_of(func: object) -> str:
+    name = getattr(func, "__name__", None) or type(func).__name__
+    return str(name)
+
+
+class AsyncLoop:
+    """One asyncio loop on its own thread, for every async plugin of an app.
+
+    A batch is submitted to the loop and the calling worker waits for its result; the GIL is
+    free while it waits.
+    """
+
+    def __init__(self) -> None:
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="fastconsume-asyncio", daemon=True)
+
+    def __enter__(self) -> AsyncLoop:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join()
+        self._loop.close()
+
+    def wrap(self, func: AsyncPlugin) -> SyncPlugin:
+        loop = self._loop
+
+        def call(batch: Batch) -> Any:
+            return asyncio.run_coroutine_threadsafe(_awaited(func, batch), loop).result()
+
+        return call
+
+
+async def _awaited(func: AsyncPlugin, batch: Batch) -> object:
+    return await func(batch)

@@ -1,0 +1,26 @@
+//! fastconsume's native core: a Kafka poll loop, batches in Rust memory, offset tracking,
+//! and the pyo3 boundary that calls Python plugins once per batch.
+//!
+//! Only `py` knows about Python; everything else is tested with plain `cargo test`.
+
+pub mod batch;
+pub mod config;
+pub mod engine;
+pub mod errors;
+pub mod mock;
+pub mod offsets;
+pub mod seed;
+pub mod source;
+
+mod py;
+
+use pyo3::prelude::*;
+
+/// The private native module behind the `fastconsume` package.
+// gil_used stays at its default (true): the wheel is abi3, which free-threaded CPython does
+// not load, so declaring otherwise would promise something no build can use.
+#[pymodule]
+fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    py::init_pymodule(m)
+}

@@ -1,0 +1,15 @@
+//! The pyo3 boundary: the only part of the crate that knows about Python.
+
+mod batch;
+mod consumer;
+mod errors;
+mod mock;
+mod plugins;
+
+use pyo3::prelude::*;
+
+pub fn init_pymodule(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    batch::init_pymodule(m)?;
+    consumer::init_pymodule(m)?;
+    mock::init_pymodule(m)
+}

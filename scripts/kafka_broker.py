@@ -1,0 +1,589 @@
+#!/usr/bin/env python3
+"""A real single-node Apache Kafka broker (KRaft combined mode) for tests and benchmarks.
+
+There is no Docker and no Kafka tarball here, so the broker is assembled from Maven
+Central jars (scripts/kafka/pom.xml) into a cache outside the clone and run with plain
+`java`. Stdlib only; usable as a CLI and as a module (tests/conftest.py loads it by path):
+
+    python scripts/kafka_broker.py fetch              # prints the libs dir
+    python scripts/kafka_broker.py start --dir DIR    # prints 127.0.0.1:PORT
+    python scripts/kafka_broker.py stop --dir DIR
+
+    broker = kafka_broker.start(tmp_path)   # Broker(bootstrap, pid, workdir)
+    ...
+    broker.stop()                           # or kafka_broker.stop(tmp_path)
+
+Needs `java` 17+ (JAVA_HOME or PATH) and `mvn` on PATH for the first fetch.
+Cache root: $FASTCONSUME_CACHE, default ~/.cache/fastconsume.
+"""
+
+import argparse
+import atexit
+import base64
+import contextlib
+import fcntl
+import hashlib
+import os
+import re
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import time
+import xml.etree.ElementTree as ET
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+KAFKA_DIR = Path(__file__).resolve().parent / "kafka"
+POM = KAFKA_DIR / "pom.xml"
+LOG4J_CONFIG = KAFKA_DIR / "log4j2.properties"
+
+START_TIMEOUT = 120.0
+STOP_TIMEOUT = 30.0
+HOST = "127.0.0.1"
+
+# Files kept in a broker's workdir.
+PID_FILE = "broker.pid"
+BOOTSTRAP_FILE = "bootstrap"
+LOG_FILE = "broker.log"
+PROPS_FILE = "server.properties"
+DATA_DIR = "data"
+
+# Marker written into libs/ once Maven succeeded; holds the pom's hash so an edited
+# pom (another log4j, say) triggers a fresh fetch even when the Kafka version is the same.
+MARKER = ".complete"
+
+# Kafka's own defaults from kafka-run-class.sh / kafka-server-start.sh, with a small heap.
+# Default JIT on purpose: benchmarks measure against this broker.
+JVM_OPTS = [
+    "-Xms128m",
+    "-Xmx512m",
+    "-XX:+UseG1GC",
+    "-XX:MaxGCPauseMillis=20",
+    "-XX:InitiatingHeapOccupancyPercent=35",
+    "-XX:+ExplicitGCInvokesConcurrent",
+    "-Djava.awt.headless=true",
+]
+
+# Brokers started by this process (pid -> Popen, workdir). Polling the Popen reaps the
+# JVM when it exits, so a stopped broker is not mistaken for a live one while it is a
+# zombie; the workdir lets the atexit hook below stop what a test run forgot to.
+_CHILDREN: dict[int, tuple[subprocess.Popen[bytes], Path]] = {}
+
+
+class BrokerError(RuntimeError):
+    """Fetching, starting or stopping the broker failed."""
+
+
+# ---------------------------------------------------------------------------- fetch
+
+
+def cache_root() -> Path:
+    env = os.environ.get("FASTCONSUME_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "fastconsume"
+
+
+def kafka_version() -> str:
+    """The Kafka version pinned in scripts/kafka/pom.xml (single source of truth)."""
+    ns = {"m": "http://maven.apache.org/POM/4.0.0"}
+    node = ET.parse(POM).getroot().find("m:properties/m:kafka.version", ns)
+    if node is None or not (node.text or "").strip():
+        raise BrokerError(f"{POM} has no <kafka.version> property")
+    return (node.text or "").strip()
+
+
+def libs_dir() -> Path:
+    return cache_root() / "kafka" / kafka_version() / "libs"
+
+
+def _pom_digest() -> str:
+    return hashlib.sha256(POM.read_bytes()).hexdigest()
+
+
+def _libs_complete(libs: Path, digest: str) -> bool:
+    marker = libs / MARKER
+    return marker.is_file() and marker.read_text().strip() == digest
+
+
+def _maven_errors(output: str) -> str:
+    """The telling part of Maven's output: its first [ERROR] lines, colour codes removed.
+
+    (Maven ends with generic "[Help 1]" boilerplate, so the tail says little.)
+    """
+    text = re.sub(r"\x1b\[[0-9;]*m", "", output).strip()
+    errors = [line for line in text.splitlines() if line.startswith("[ERROR]")]
+    return "\n".join(errors[:12]) if errors else text[-4000:]
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    """Exclusive file lock, so parallel test workers do not run Maven into one dir."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def fetch() -> Path:
+    """Gather the broker's runtime jars into the cache; return the libs dir.
+
+    Skips Maven when the libs dir is complete for the current pom.
+    """
+    libs = libs_dir()
+    digest = _pom_digest()
+    if _libs_complete(libs, digest):
+        return libs
+    with _locked(libs.parent / ".lock"):
+        if _libs_complete(libs, digest):  # another process fetched while we waited
+            return libs
+        mvn = shutil.which("mvn")
+        if mvn is None:
+            raise BrokerError("Maven (`mvn`) is not on PATH; it is needed once to fetch Kafka")
+        # Fill a scratch dir and rename it, so an interrupted run never looks complete.
+        scratch = libs.parent / "libs.partial"
+        shutil.rmtree(scratch, ignore_errors=True)
+        cmd = [
+            mvn, "-q", "-B", "-Dstyle.color=never",
+            "-f", str(POM),
+            f"-Dmaven.repo.local={cache_root() / 'm2'}",
+            "dependency:copy-dependencies",
+            "-DincludeScope=runtime",
+            f"-DoutputDirectory={scratch}",
+        ]  # fmt: skip
+        print(
+            f"kafka_broker: fetching Kafka {kafka_version()} jars into {libs}",
+            file=sys.stderr,
+        )
+        res = subprocess.run(cmd, check=False, stdin=subprocess.DEVNULL, capture_output=True, text=True)
+        if res.returncode != 0:
+            raise BrokerError(
+                f"mvn exited with {res.returncode}: {' '.join(cmd)}\n" + _maven_errors(res.stdout + res.stderr)
+            )
+        broker_jar = scratch / f"kafka_2.13-{kafka_version()}.jar"
+        if not broker_jar.is_file() or not list(scratch.glob("log4j-slf4j-impl-*.jar")):
+            raise BrokerError(f"mvn succeeded but {scratch} lacks the broker or log4j binding jar")
+        (scratch / MARKER).write_text(digest + "\n")
+        shutil.rmtree(libs, ignore_errors=True)
+        scratch.rename(libs)
+    return libs
+
+
+# ---------------------------------------------------------------------------- start
+
+
+@dataclass
+class Broker:
+    """A running broker started by start()."""
+
+    bootstrap: str
+    pid: int
+    workdir: Path
+
+    def stop(self, timeout: float = STOP_TIMEOUT) -> None:
+        stop(self.workdir, timeout=timeout)
+
+
+def _java() -> str:
+    home = os.environ.get("JAVA_HOME")
+    if home and (Path(home) / "bin" / "java").is_file():
+        return str(Path(home) / "bin" / "java")
+    java = shutil.which("java")
+    if java is None:
+        raise BrokerError("no `java` found (set JAVA_HOME or put Java 17+ on PATH)")
+    return java
+
+
+def _cluster_id() -> str:
+    """A Kafka Uuid: base64url of 16 random bytes, no padding (22 chars).
+
+    Made here rather than with `StorageTool random-uuid`, which costs a JVM start.
+    Like Kafka's Uuid.randomUuid(), reroll the reserved ids and ids starting with "-"
+    (a CLI parser would read those as a flag).
+    """
+    while True:
+        raw = os.urandom(16)
+        cid = base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
+        if raw not in (bytes(16), bytes(15) + b"\x01") and not cid.startswith("-"):
+            return cid
+
+
+def _free_ports(n: int) -> list[int]:
+    """n distinct free ports on HOST. Holding all sockets open until all are bound
+    keeps them distinct; the broker could still lose a race for one, see start()."""
+    socks: list[socket.socket] = []
+    try:
+        for _ in range(n):
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            socks.append(s)
+            s.bind((HOST, 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def _server_properties(workdir: Path, port: int, ctrl_port: int, overrides: Mapping[str, str]) -> dict[str, str]:
+    props = {
+        "process.roles": "broker,controller",
+        "node.id": "1",
+        # Static voters, as in a multi-node setup; storage is then formatted without
+        # --standalone. (The doc's --standalone + controller.quorum.bootstrap.servers
+        # works too, including restarts on new ports; checked with Kafka 4.4.0.)
+        "controller.quorum.voters": f"1@{HOST}:{ctrl_port}",
+        "listeners": f"PLAINTEXT://{HOST}:{port},CONTROLLER://{HOST}:{ctrl_port}",
+        "advertised.listeners": f"PLAINTEXT://{HOST}:{port}",
+        "inter.broker.listener.name": "PLAINTEXT",
+        "controller.listener.names": "CONTROLLER",
+        "listener.security.protocol.map": "CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT",
+        "log.dirs": str(workdir / DATA_DIR),
+        "num.partitions": "1",
+        # One node: every internal topic must make do with one replica.
+        "offsets.topic.replication.factor": "1",
+        "transaction.state.log.replication.factor": "1",
+        "transaction.state.log.min.isr": "1",
+        "share.coordinator.state.topic.replication.factor": "1",
+        "share.coordinator.state.topic.min.isr": "1",
+        # Internal topics get 50 partitions by default; one node needs few, and fewer
+        # means fewer files to create and load. (It does not speed up the first group
+        # join on 4.4.0, measured; the FindCoordinator warm-up in start() does.)
+        "offsets.topic.num.partitions": "4",
+        "transaction.state.log.num.partitions": "4",
+        "share.coordinator.state.topic.num.partitions": "4",
+        # Classic-protocol groups otherwise wait 3 s for more members before the first rebalance.
+        "group.initial.rebalance.delay.ms": "0",
+        # The log cleaner would otherwise take 128 MiB of a 512 MiB heap.
+        "log.cleaner.dedupe.buffer.size": "2097152",
+    }
+    props.update(overrides)
+    return props
+
+
+def _write_properties(path: Path, props: Mapping[str, str]) -> None:
+    path.write_text("".join(f"{k}={v}\n" for k, v in props.items()))
+
+
+def _read_properties(path: Path) -> dict[str, str]:
+    props: dict[str, str] = {}
+    for raw in path.read_text().splitlines():
+        line = raw.strip()
+        if line and not line.startswith("#") and "=" in line:
+            key, value = line.split("=", 1)
+            props[key.strip()] = value.strip()
+    return props
+
+
+def _log_tail(workdir: Path, lines: int = 40, since: int = 0) -> str:
+    """The last lines of broker.log (from byte offset `since`), for error messages."""
+    try:
+        with (workdir / LOG_FILE).open("rb") as fh:
+            fh.seek(since)
+            text = fh.read().decode(errors="replace")
+    except FileNotFoundError:
+        return "(no broker.log)"
+    tail = text.splitlines()[-lines:]
+    return "\n".join(tail) if tail else "(broker.log is empty)"
+
+
+def _format_storage(java: str, libs: Path, workdir: Path) -> None:
+    # With static voters (controller.quorum.voters) format takes no --standalone flag.
+    cmd = [
+        java, f"-Dlog4j2.configurationFile={LOG4J_CONFIG}",
+        "-cp", str(libs / "*"),
+        "kafka.tools.StorageTool", "format",
+        "-t", _cluster_id(),
+        "-c", str(workdir / PROPS_FILE),
+    ]  # fmt: skip
+    res = subprocess.run(cmd, check=False, stdin=subprocess.DEVNULL, capture_output=True, text=True)
+    with (workdir / LOG_FILE).open("a") as log:
+        log.write(res.stdout + res.stderr)
+    if res.returncode != 0:
+        raise BrokerError(
+            f"kafka StorageTool format failed ({res.returncode}) in {workdir}:\n"
+            f"{(res.stdout + res.stderr).strip()[-4000:]}"
+        )
+
+
+def _recv_exact(sock: socket.socket, n: int) -> bytes:
+    buf = b""
+    while len(buf) < n:
+        chunk = sock.recv(n - len(buf))
+        if not chunk:
+            raise ConnectionError("broker closed the connection")
+        buf += chunk
+    return buf
+
+
+def _find_coordinator(port: int) -> int | None:
+    """Send FindCoordinator for a group; return Kafka's error code, None if unreachable.
+
+    The first such request makes the broker create __consumer_offsets; until that is
+    loaded the answer is 15 (COORDINATOR_NOT_AVAILABLE). Doing it here takes ~0.1 s
+    and makes a client's first group join ~0.1 s instead of ~1 s: librdkafka
+    retries FindCoordinator only about once a second.
+    """
+    client_id, group = b"kafka_broker.py", b"fastconsume-warmup"
+    # Request header v1 (api_key 10, version 1, correlation_id, client_id), then the
+    # v1 body: key and key_type 0 (= group). v1 is not flexible: no tagged fields.
+    req = struct.pack(">hhih", 10, 1, 1, len(client_id)) + client_id + struct.pack(">h", len(group)) + group + b"\x00"
+    try:
+        with socket.create_connection((HOST, port), timeout=2.0) as sock:
+            sock.sendall(struct.pack(">i", len(req)) + req)
+            (size,) = struct.unpack(">i", _recv_exact(sock, 4))
+            resp = _recv_exact(sock, size)
+    except OSError:
+        return None
+    # Response v1: correlation_id int32, throttle_time_ms int32, error_code int16, ...
+    (error_code,) = struct.unpack_from(">h", resp, 8)
+    return int(error_code)
+
+
+def start(
+    workdir: str | os.PathLike[str],
+    *,
+    timeout: float = START_TIMEOUT,
+    overrides: Mapping[str, str] | None = None,
+    reuse_ports: bool = False,
+) -> Broker:
+    """Start a single-node KRaft broker whose files live in `workdir`; wait until ready.
+
+    Formats `workdir/data` on first use and reuses it afterwards (topics and offsets
+    survive a stop/start). Picks fresh free ports each time unless `reuse_ports` is set
+    and the workdir has run before: then the old ports are reused, so a client that
+    keeps its bootstrap address can reconnect (broker-restart tests). `overrides` are
+    extra or replacement server.properties entries.
+    Ready means the broker answers on its client port and the group coordinator
+    (__consumer_offsets) is available. Raises BrokerError, quoting broker.log's tail.
+    """
+    wd = Path(workdir).resolve()
+    wd.mkdir(parents=True, exist_ok=True)
+    running = _running_pid(wd)
+    if running is not None:
+        raise BrokerError(f"a broker is already running in {wd} (pid {running}); stop it first")
+    libs = fetch()
+    java = _java()
+    old_props = wd / PROPS_FILE
+    fixed: tuple[int, int] | None = None
+    if reuse_ports and old_props.is_file():
+        old = _read_properties(old_props)
+        fixed = (int(old["listeners"].split(",")[0].rsplit(":", 1)[1]),
+                 int(old["controller.quorum.voters"].rsplit(":", 1)[1]))  # fmt: skip
+
+    # A picked port can be taken by someone else before the JVM binds it: retry on that.
+    attempts = 1 if fixed else 3
+    for attempt in range(1, attempts + 1):
+        port, ctrl_port = fixed or _free_ports(2)
+        _write_properties(wd / PROPS_FILE, _server_properties(wd, port, ctrl_port, overrides or {}))
+        if not (wd / DATA_DIR / "meta.properties").is_file():
+            _format_storage(java, libs, wd)
+        try:
+            return _launch(java, libs, wd, port=port, ctrl_port=ctrl_port, timeout=timeout)
+        except _PortTakenError:
+            if attempt == attempts:
+                raise BrokerError(f"broker could not bind {HOST}:{port}/{ctrl_port}:\n{_log_tail(wd)}") from None
+    raise AssertionError("unreachable")
+
+
+class _PortTakenError(Exception):
+    pass
+
+
+def _launch(java: str, libs: Path, wd: Path, *, port: int, ctrl_port: int, timeout: float) -> Broker:
+    cmd = [
+        java, *JVM_OPTS,
+        f"-Dlog4j2.configurationFile={LOG4J_CONFIG}",
+        "-cp", str(libs / "*"),
+        "kafka.Kafka", str(wd / PROPS_FILE),
+    ]  # fmt: skip
+    log_path = wd / LOG_FILE
+    with log_path.open("ab") as log:
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+        header = f"=== kafka_broker.py start {stamp} port={port} controller={ctrl_port}\n"
+        log.write(header.encode())
+        log.flush()
+        since = log.tell()
+        # Own session/process group: stop() signals the whole group, and a Ctrl-C
+        # aimed at the test runner does not hit the broker mid-test.
+        proc = subprocess.Popen(
+            cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+            cwd=wd, start_new_session=True,
+        )  # fmt: skip
+    _CHILDREN[proc.pid] = (proc, wd)
+    (wd / PID_FILE).write_text(f"{proc.pid}\n")
+
+    try:
+        _wait_ready(proc, wd, port, since, timeout)
+    except BaseException:
+        # Whatever went wrong (timeout, Ctrl-C), leave no orphan JVM behind.
+        stop(wd)
+        raise
+    bootstrap = f"{HOST}:{port}"
+    (wd / BOOTSTRAP_FILE).write_text(bootstrap + "\n")
+    return Broker(bootstrap=bootstrap, pid=proc.pid, workdir=wd)
+
+
+def _wait_ready(proc: subprocess.Popen[bytes], wd: Path, port: int, since: int, timeout: float) -> None:
+    """Wait until the client port answers and the group coordinator is available.
+
+    The client port opens only once the broker is unfenced, so a connect alone would
+    do; the FindCoordinator round trip also warms up consumer groups (see above).
+    """
+    deadline = time.monotonic() + timeout
+    state = "client port closed"
+    while True:
+        rc = proc.poll()
+        if rc is not None:
+            _forget(wd, proc.pid)
+            if "Address already in use" in _log_tail(wd, lines=400, since=since):
+                raise _PortTakenError
+            raise BrokerError(
+                f"kafka broker exited with code {rc} before it was ready; "
+                f"{wd / LOG_FILE} ends with:\n{_log_tail(wd, since=since)}"
+            )
+        error_code = _find_coordinator(port)
+        if error_code == 0:
+            return
+        if error_code is not None:
+            state = f"FindCoordinator answers error {error_code}"
+        if time.monotonic() > deadline:
+            raise BrokerError(
+                f"kafka broker not ready on {HOST}:{port} after {timeout:.0f} s ({state}; "
+                f"stopping it); {wd / LOG_FILE} ends with:\n{_log_tail(wd, since=since)}"
+            )
+        time.sleep(0.05)
+
+
+# ---------------------------------------------------------------------------- stop
+
+
+def _alive(pid: int) -> bool:
+    child = _CHILDREN.get(pid)
+    if child is not None:
+        return child[0].poll() is None
+    if Path("/proc/self").exists():
+        try:
+            # A zombie has exited; its parent just has not reaped it yet.
+            return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+        except FileNotFoundError:
+            return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _is_our_broker(pid: int, wd: Path) -> bool:
+    """Guard against a recycled pid: on Linux, check the command line names our config."""
+    cmdline = Path(f"/proc/{pid}/cmdline")
+    if not Path("/proc/self").exists():
+        return _alive(pid)
+    try:
+        args = cmdline.read_bytes().split(b"\0")
+    except FileNotFoundError:
+        return False
+    return b"kafka.Kafka" in args and str(wd / PROPS_FILE).encode() in args and _alive(pid)
+
+
+def _read_pid(wd: Path) -> int | None:
+    try:
+        return int((wd / PID_FILE).read_text().strip())
+    except FileNotFoundError:
+        return None
+    except ValueError as exc:
+        raise BrokerError(f"{wd / PID_FILE} does not hold a pid") from exc
+
+
+def _running_pid(wd: Path) -> int | None:
+    pid = _read_pid(wd)
+    return pid if pid is not None and _is_our_broker(pid, wd) else None
+
+
+def _forget(wd: Path, pid: int) -> None:
+    child = _CHILDREN.pop(pid, None)
+    if child is not None:
+        child[0].wait()
+    for name in (PID_FILE, BOOTSTRAP_FILE):
+        (wd / name).unlink(missing_ok=True)
+
+
+def _wait_gone(pid: int, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while _alive(pid):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
+    return True
+
+
+def stop(workdir: str | os.PathLike[str], *, timeout: float = STOP_TIMEOUT) -> None:
+    """Stop the broker of `workdir`: SIGTERM (clean shutdown), SIGKILL after `timeout` s.
+
+    No-op when no broker is running there.
+    """
+    wd = Path(workdir).resolve()
+    pid = _running_pid(wd)
+    if pid is None:
+        stale = _read_pid(wd)
+        _forget(wd, stale if stale is not None else -1)
+        return
+    # start() made the JVM a session leader, so its process group id is its pid.
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pid, signal.SIGTERM)
+    if not _wait_gone(pid, timeout):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pid, signal.SIGKILL)
+        if not _wait_gone(pid, 10.0):
+            raise BrokerError(f"kafka broker pid {pid} survived SIGKILL")
+    _forget(wd, pid)
+
+
+@atexit.register
+def _stop_leftovers() -> None:
+    """Stop brokers this process started and never stopped (a test run that crashed
+    before its teardown), so no JVM outlives it. The CLI's `start` opts out."""
+    for _proc, wd in list(_CHILDREN.values()):
+        with contextlib.suppress(BrokerError, OSError):
+            stop(wd)
+
+
+# ---------------------------------------------------------------------------- CLI
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("fetch", help="gather the broker jars into the cache; print the libs dir")
+    p_start = sub.add_parser("start", help="start a broker in DIR; print its bootstrap address")
+    p_start.add_argument("--dir", required=True, type=Path)
+    p_start.add_argument("--timeout", type=float, default=START_TIMEOUT)
+    p_start.add_argument("--reuse-ports", action="store_true", help="keep DIR's previous ports")
+    p_stop = sub.add_parser("stop", help="stop the broker in DIR (no-op if none)")
+    p_stop.add_argument("--dir", required=True, type=Path)
+    p_stop.add_argument("--timeout", type=float, default=STOP_TIMEOUT)
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "fetch":
+            print(fetch())
+        elif args.command == "start":
+            broker = start(args.dir, timeout=args.timeout, reuse_ports=args.reuse_ports)
+            # The broker must outlive this process: drop it from the atexit hook's list.
+            _CHILDREN.pop(broker.pid, None)
+            print(broker.bootstrap)
+        else:
+            stop(args.dir, timeout=args.timeout)
+    except BrokerError as exc:
+        print(f"kafka_broker: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
