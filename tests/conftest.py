@@ -8,7 +8,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from kafka import Cluster, MockKafka, RealCluster, real_broker  # noqa: E402
+from kafka import Cluster, MockKafka, RealCluster, real_broker
 
 
 @pytest.fixture(scope="session")

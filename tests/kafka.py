@@ -16,7 +16,6 @@ from confluent_kafka.admin import AdminClient, NewTopic
 
 from fastconsume.testing import MockCluster, produce
 
-
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -29,7 +28,8 @@ def real_broker(workdir: Path) -> Iterator[str]:
         yield existing
         return
     spec = importlib.util.spec_from_file_location("kafka_broker", ROOT / "scripts" / "kafka_broker.py")
-    assert spec is not None and spec.loader is not None
+    assert spec is not None
+    assert spec.loader is not None
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
     broker = script.start(workdir)
@@ -92,4 +92,3 @@ def committed(bootstrap: str, group: str, topic: str, partitions: int) -> list[i
 
 def new_group() -> str:
     return f"g-{uuid.uuid4().hex[:12]}"
-

@@ -7,10 +7,11 @@ import time
 from collections import defaultdict
 
 import pytest
-from kafka import Cluster, committed, fill, new_group
 
 import fastconsume as fc
 from fastconsume.testing import produce
+
+from kafka import Cluster, committed, fill, new_group
 
 PARTITIONS = 4
 PER_PARTITION = 5_000  # 20,000 messages
@@ -97,7 +98,8 @@ def test_batch_exposes_messages_and_values(mock_cluster: Cluster) -> None:
             batch[len(batch)]
         for m in batch:
             seen.append((m.key, m.value, m.topic, m.partition, m.offset, m.headers))
-            assert m.timestamp is not None and m.timestamp > 1_600_000_000_000
+            assert m.timestamp is not None
+            assert m.timestamp > 1_600_000_000_000
 
     app.run(idle_timeout=1.0)
     assert seen == [

@@ -7,9 +7,10 @@ import socket
 import time
 
 import pytest
-from kafka import Cluster, committed, fill, new_group
 
 import fastconsume as fc
+
+from kafka import Cluster, committed, fill, new_group
 
 
 def test_unknown_librdkafka_property_is_a_value_error_naming_it() -> None:

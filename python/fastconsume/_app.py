@@ -84,7 +84,6 @@ class App:
     def plugin(
         self,
         func: F | None = None,
-        /,
         *,
         name: str | None = None,
         batch_size: int = DEFAULT_BATCH_SIZE,
@@ -125,7 +124,10 @@ class App:
         linger = min(p.linger for p in self._plugins)
         with ExitStack() as stack:
             calls = self._plugin_calls(stack)
-            run = lambda: self._core.run(calls, linger=linger, idle_timeout=idle)  # noqa: E731
+
+            def run() -> None:
+                self._core.run(calls, linger=linger, idle_timeout=idle)
+
             if threading.current_thread() is threading.main_thread():
                 with _signals_call(self.stop):
                     _run_interruptibly(run)
@@ -137,7 +139,7 @@ class App:
         calls: list[tuple[str, SyncPlugin, int]] = []
         for p in self._plugins:
             call = loop.wrap(p.func) if loop is not None and p.is_async else p.func  # type: ignore[arg-type]
-            calls.append((p.name, call, p.batch_size))  # type: ignore[arg-type]
+            calls.append((p.name, call, p.batch_size))
         return calls
 
     def stop(self) -> None:

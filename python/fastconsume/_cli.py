@@ -31,7 +31,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.command == "demo":
-
             print_report(run_demo(messages=args.messages, partitions=args.partitions))
         else:
             load_app(args.target).run(idle_timeout=args.idle_timeout)

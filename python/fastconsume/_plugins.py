@@ -7,7 +7,7 @@ import inspect
 import threading
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import Any
 
 from ._core import Batch
 from ._durations import Duration, seconds
@@ -15,7 +15,7 @@ from .errors import ConfigError
 
 SyncPlugin = Callable[[Batch], object]
 AsyncPlugin = Callable[[Batch], Awaitable[object]]
-PluginFunc = Union[SyncPlugin, AsyncPlugin]
+PluginFunc = SyncPlugin | AsyncPlugin
 
 DEFAULT_BATCH_SIZE = 500
 DEFAULT_LINGER = "20ms"
@@ -32,7 +32,7 @@ class Plugin:
     is_async: bool
 
 
-def make_plugin(func: object, *, name: str | None, batch_size: int, linger: Duration) -> Plugin:
+def make_plugin(func: PluginFunc, *, name: str | None, batch_size: int, linger: Duration) -> Plugin:
     """Validates a plugin at registration, so mistakes surface before ``run()``."""
     if not callable(func):
         raise TypeError(f"a plugin must be callable, got {type(func).__name__}: {func!r}")
@@ -49,11 +49,16 @@ def make_plugin(func: object, *, name: str | None, batch_size: int, linger: Dura
         raise ConfigError(f"a plugin name must be a non-empty string, got {plugin_name!r}")
     return Plugin(
         name=plugin_name,
-        func=func,  # type: ignore[arg-type]  # checked callable with one argument above
+        func=func,
         batch_size=batch_size,
         linger=seconds(linger, "linger"),
-        is_async=inspect.iscoroutinefunction(func) or inspect.iscoroutinefunction(getattr(func, "__call__", None)),
+        is_async=_is_async(func),
     )
+
+
+def _is_async(func: Callable[..., object]) -> bool:
+    """``async def`` functions, and instances of classes whose ``__call__`` is one."""
+    return inspect.iscoroutinefunction(func) or inspect.iscoroutinefunction(type(func).__call__)
 
 
 def _name_of(func: object) -> str:
