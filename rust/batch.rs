@@ -1,9 +1,10 @@
-//! A batch of fetched messages, copied out of librdkafka into two flat buffers so that a
-//! batch costs a handful of allocations however many messages it holds. Every plugin reads
-//! the same `Arc<Batch>`; nothing is copied per plugin.
+//! A batch of fetched messages of one partition, copied out of librdkafka into two flat
+//! buffers so that a batch costs a handful of allocations however many messages it holds.
+//! Every lane reads the same `Arc<Batch>`; nothing is copied per plugin.
 
+use std::any::Any;
 use std::ops::Range;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use rdkafka::message::{Headers, Message};
 
@@ -28,8 +29,6 @@ struct Header {
 
 #[derive(Clone, Debug)]
 struct Record {
-    topic: u32,
-    partition: i32,
     offset: i64,
     timestamp: Option<i64>,
     key: Option<Span>,
@@ -37,44 +36,41 @@ struct Record {
     headers: Range<u32>,
 }
 
-/// The offsets one batch holds for one partition. Offsets are increasing but may have gaps
-/// (compaction, transaction markers), so the batch records the first and last it saw.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct PartitionSpan {
+/// A topic and partition.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Partition {
     pub topic: Arc<str>,
     pub partition: i32,
-    pub first: i64,
-    pub last: i64,
 }
 
-/// A read-only batch of messages.
-#[derive(Debug, Default)]
+/// A read-only batch of messages of one partition, in offset order. Offsets increase but may
+/// have gaps (compaction, transaction markers).
+#[derive(Debug)]
 pub struct Batch {
-    topics: Vec<Arc<str>>,
+    partition: Partition,
     records: Vec<Record>,
     headers: Vec<Header>,
     bytes: Vec<u8>,
-    spans: Vec<PartitionSpan>,
+    /// Objects the host (the Python layer) builds once for this batch and shares between
+    /// its plugins; the core never looks inside.
+    host: OnceLock<Box<dyn Any + Send + Sync>>,
 }
 
 /// One message of a batch, borrowed.
 #[derive(Clone, Copy, Debug)]
 pub struct MessageView<'a> {
-    pub topic: &'a str,
-    pub topic_index: usize,
-    pub partition: i32,
     pub offset: i64,
     pub timestamp: Option<i64>,
     pub key: Option<&'a [u8]>,
     pub value: Option<&'a [u8]>,
-    batch: &'a Batch,
+    bytes: &'a [u8],
     headers: &'a [Header],
 }
 
 impl<'a> MessageView<'a> {
-    /// The headers as `(name, value)` pairs; names that are not UTF-8 are replaced lossily.
+    /// The headers as `(name, value)` pairs, in the order the producer wrote them.
     pub fn headers(&self) -> impl ExactSizeIterator<Item = (&'a [u8], Option<&'a [u8]>)> + 'a {
-        let bytes = &self.batch.bytes;
+        let bytes = self.bytes;
         self.headers
             .iter()
             .map(move |h| (&bytes[h.name.range()], h.value.map(|v| &bytes[v.range()])))
@@ -82,50 +78,43 @@ impl<'a> MessageView<'a> {
 }
 
 impl Batch {
-    #[must_use]
+    pub fn partition(&self) -> &Partition {
+        &self.partition
+    }
+
     pub fn len(&self) -> usize {
         self.records.len()
     }
 
-    #[must_use]
     pub fn is_empty(&self) -> bool {
         self.records.is_empty()
     }
 
     /// Payload bytes held (keys, values and headers).
-    #[must_use]
     pub fn byte_len(&self) -> usize {
         self.bytes.len()
     }
 
-    /// The distinct topic names, indexed by `MessageView::topic_index`.
-    #[must_use]
-    pub fn topics(&self) -> &[Arc<str>] {
-        &self.topics
+    pub fn first_offset(&self) -> i64 {
+        self.records.first().map_or(-1, |r| r.offset)
     }
 
-    /// Per partition, the first and last offsets in this batch, in order of first appearance.
-    #[must_use]
-    pub fn spans(&self) -> &[PartitionSpan] {
-        &self.spans
+    pub fn last_offset(&self) -> i64 {
+        self.records.last().map_or(-1, |r| r.offset)
     }
 
     /// The message at `index`.
     ///
     /// # Panics
     /// If `index >= len()`; callers iterate over `0..len()`.
-    #[must_use]
     pub fn get(&self, index: usize) -> MessageView<'_> {
         let r = &self.records[index];
         MessageView {
-            topic: &self.topics[r.topic as usize],
-            topic_index: r.topic as usize,
-            partition: r.partition,
             offset: r.offset,
             timestamp: r.timestamp,
             key: r.key.map(|s| &self.bytes[s.range()]),
             value: r.value.map(|s| &self.bytes[s.range()]),
-            batch: self,
+            bytes: &self.bytes,
             headers: &self.headers[r.headers.start as usize..r.headers.end as usize],
         }
     }
@@ -133,108 +122,100 @@ impl Batch {
     pub fn iter(&self) -> impl ExactSizeIterator<Item = MessageView<'_>> {
         (0..self.len()).map(|i| self.get(i))
     }
+
+    /// The host's objects for this batch, made by `init` on first use.
+    pub fn host<T: Any + Send + Sync>(&self, init: impl FnOnce() -> T) -> Option<&T> {
+        self.host.get_or_init(|| Box::new(init())).downcast_ref()
+    }
 }
 
-/// Fills a `Batch` one message at a time; reused across batches to keep its capacity.
-#[derive(Debug, Default)]
+/// Fills batches of one partition; reused across batches to keep its capacity.
+#[derive(Debug)]
 pub struct BatchBuilder {
-    batch: Batch,
+    partition: Partition,
+    records: Vec<Record>,
+    headers: Vec<Header>,
+    bytes: Vec<u8>,
 }
 
 impl BatchBuilder {
-    #[must_use]
+    pub fn new(partition: Partition) -> Self {
+        BatchBuilder {
+            partition,
+            records: Vec::new(),
+            headers: Vec::new(),
+            bytes: Vec::new(),
+        }
+    }
+
+    pub fn partition(&self) -> &Partition {
+        &self.partition
+    }
+
     pub fn len(&self) -> usize {
-        self.batch.len()
+        self.records.len()
     }
 
-    #[must_use]
     pub fn is_empty(&self) -> bool {
-        self.batch.is_empty()
-    }
-
-    #[must_use]
-    pub fn byte_len(&self) -> usize {
-        self.batch.byte_len()
+        self.records.is_empty()
     }
 
     fn push_bytes(&mut self, data: &[u8]) -> Span {
-        let start = self.batch.bytes.len() as u32;
-        self.batch.bytes.extend_from_slice(data);
+        let start = self.bytes.len() as u32;
+        self.bytes.extend_from_slice(data);
         Span {
             start,
             len: data.len() as u32,
         }
     }
 
-    fn topic_index(&mut self, topic: &str) -> u32 {
-        // Batches hold one or a few topics: a linear scan beats hashing here.
-        if let Some(i) = self.batch.topics.iter().position(|t| &**t == topic) {
-            return i as u32;
-        }
-        self.batch.topics.push(Arc::from(topic));
-        (self.batch.topics.len() - 1) as u32
-    }
-
-    /// Copies one fetched message into the batch.
+    /// Copies one fetched message of this builder's partition into the batch.
     pub fn push<M: Message>(&mut self, message: &M) {
-        let topic = self.topic_index(message.topic());
+        debug_assert_eq!(message.partition(), self.partition.partition);
+        debug_assert!(
+            self.records
+                .last()
+                .is_none_or(|r| r.offset < message.offset()),
+            "offsets only grow"
+        );
         let key = message.key().map(|k| self.push_bytes(k));
         let value = message.payload().map(|v| self.push_bytes(v));
-        let header_start = self.batch.headers.len() as u32;
+        let header_start = self.headers.len() as u32;
         if let Some(headers) = message.headers() {
             for header in headers.iter() {
                 let name = self.push_bytes(header.key.as_bytes());
                 let value = header.value.map(|v| self.push_bytes(v));
-                self.batch.headers.push(Header { name, value });
+                self.headers.push(Header { name, value });
             }
         }
-        let headers = header_start..self.batch.headers.len() as u32;
-        self.push_record(Record {
-            topic,
-            partition: message.partition(),
+        self.records.push(Record {
             offset: message.offset(),
             timestamp: message.timestamp().to_millis(),
             key,
             value,
-            headers,
+            headers: header_start..self.headers.len() as u32,
         });
     }
 
-    fn push_record(&mut self, record: Record) {
-        let spans = &mut self.batch.spans;
-        let topic = &self.batch.topics[record.topic as usize];
-        match spans
-            .iter_mut()
-            .rev()
-            .find(|s| s.partition == record.partition && Arc::ptr_eq(&s.topic, topic))
-        {
-            Some(span) => {
-                debug_assert!(
-                    record.offset > span.last,
-                    "offsets within a partition only grow"
-                );
-                span.last = record.offset;
-            }
-            None => spans.push(PartitionSpan {
-                topic: topic.clone(),
-                partition: record.partition,
-                first: record.offset,
-                last: record.offset,
-            }),
-        }
-        self.batch.records.push(record);
+    /// Hands out the filled batch and starts an empty one with as much room.
+    pub fn take(&mut self) -> Arc<Batch> {
+        let (record_room, byte_room) = (self.records.capacity(), self.bytes.capacity());
+        let records = std::mem::replace(&mut self.records, Vec::with_capacity(record_room));
+        let bytes = std::mem::replace(&mut self.bytes, Vec::with_capacity(byte_room));
+        Arc::new(Batch {
+            partition: self.partition.clone(),
+            records,
+            headers: std::mem::take(&mut self.headers),
+            bytes,
+            host: OnceLock::new(),
+        })
     }
 
-    /// Hands out the filled batch and starts an empty one with room for as many messages.
-    pub fn take(&mut self) -> Arc<Batch> {
-        let next = Batch {
-            topics: Vec::new(),
-            records: Vec::with_capacity(self.batch.records.capacity()),
-            headers: Vec::new(),
-            bytes: Vec::with_capacity(self.batch.bytes.capacity()),
-            spans: Vec::new(),
-        };
-        Arc::new(std::mem::replace(&mut self.batch, next))
+    /// Drops what was gathered (the partition was revoked before the batch was sealed).
+    pub fn clear(&mut self) {
+        self.records.clear();
+        self.headers.clear();
+        self.bytes.clear();
     }
 }
 
@@ -244,31 +225,28 @@ mod tests {
 
     use super::*;
 
-    fn message(topic: &str, partition: i32, offset: i64, value: &[u8]) -> OwnedMessage {
-        message_with_headers(topic, partition, offset, value, None)
-    }
-
-    fn message_with_headers(
-        topic: &str,
-        partition: i32,
-        offset: i64,
-        value: &[u8],
-        headers: Option<OwnedHeaders>,
-    ) -> OwnedMessage {
+    fn message(offset: i64, value: &[u8], headers: Option<OwnedHeaders>) -> OwnedMessage {
         OwnedMessage::new(
             Some(value.to_vec()),
             Some(format!("k{offset}").into_bytes()),
-            topic.to_string(),
+            "t".to_string(),
             Timestamp::CreateTime(1_000 + offset),
-            partition,
+            3,
             offset,
             headers,
         )
     }
 
+    fn builder() -> BatchBuilder {
+        BatchBuilder::new(Partition {
+            topic: Arc::from("t"),
+            partition: 3,
+        })
+    }
+
     #[test]
     fn round_trips_fields() {
-        let mut builder = BatchBuilder::default();
+        let mut builder = builder();
         let headers = OwnedHeaders::new()
             .insert(KafkaHeader {
                 key: "h1",
@@ -278,48 +256,58 @@ mod tests {
                 key: "h2",
                 value: None,
             });
-        let with_headers = message_with_headers("a", 0, 5, b"five", Some(headers));
-        builder.push(&message("a", 0, 4, b"four"));
-        builder.push(&with_headers);
-        builder.push(&message("b", 3, 9, b""));
+        builder.push(&message(4, b"four", None));
+        builder.push(&message(5, b"five", Some(headers)));
+        builder.push(&message(9, b"", None)); // a gap: 6..=8 compacted away
         let batch = builder.take();
         assert_eq!(batch.len(), 3);
         assert!(builder.is_empty());
+        assert_eq!((batch.first_offset(), batch.last_offset()), (4, 9));
+        assert_eq!(batch.partition().partition, 3);
 
         let first = batch.get(0);
-        assert_eq!((first.topic, first.partition, first.offset), ("a", 0, 4));
+        assert_eq!(first.offset, 4);
         assert_eq!(first.value, Some(&b"four"[..]));
         assert_eq!(first.key, Some(&b"k4"[..]));
         assert_eq!(first.timestamp, Some(1_004));
         assert_eq!(first.headers().len(), 0);
 
-        let second = batch.get(1);
-        let headers: Vec<_> = second.headers().collect();
+        let headers: Vec<_> = batch.get(1).headers().collect();
         assert_eq!(
             headers,
             vec![(&b"h1"[..], Some(&b"v1"[..])), (&b"h2"[..], None)]
         );
-
-        let third = batch.get(2);
-        assert_eq!(
-            (third.topic, third.topic_index, third.value),
-            ("b", 1, Some(&b""[..]))
-        );
-        assert_eq!(batch.topics().len(), 2);
+        assert_eq!(batch.get(2).value, Some(&b""[..]));
     }
 
     #[test]
-    fn spans_track_first_and_last_offset_per_partition_with_gaps() {
-        let mut builder = BatchBuilder::default();
-        for (p, o) in [(0, 10), (1, 3), (0, 12), (1, 4), (0, 20)] {
-            builder.push(&message("t", p, o, b"x"));
-        }
-        let batch = builder.take();
-        let spans: Vec<_> = batch
-            .spans()
-            .iter()
-            .map(|s| (s.partition, s.first, s.last))
-            .collect();
-        assert_eq!(spans, vec![(0, 10, 20), (1, 3, 4)]);
+    fn a_taken_builder_starts_empty_and_clear_drops_messages() {
+        let mut builder = builder();
+        builder.push(&message(1, b"a", None));
+        let first = builder.take();
+        builder.push(&message(2, b"b", None));
+        builder.clear();
+        assert!(builder.is_empty());
+        builder.push(&message(3, b"c", None));
+        let second = builder.take();
+        assert_eq!(
+            (first.len(), second.len(), second.first_offset()),
+            (1, 1, 3)
+        );
+    }
+
+    #[test]
+    fn host_objects_are_made_once() {
+        let batch = builder().take();
+        let mut made = 0;
+        assert_eq!(
+            batch.host(|| {
+                made += 1;
+                7u32
+            }),
+            Some(&7)
+        );
+        assert_eq!(batch.host(|| 8u32), Some(&7));
+        assert_eq!(made, 1);
     }
 }

@@ -1,5 +1,5 @@
-//! fastconsume's native core: a Kafka poll loop, batches in Rust memory, offset tracking,
-//! and the pyo3 boundary that calls Python plugins once per batch.
+//! fastconsume's native core: a Kafka poll loop, per-plugin lanes on a bounded worker pool,
+//! offset tracking, and the pyo3 boundary that calls Python plugins once per batch.
 //!
 //! Only `py` knows about Python; everything else is tested with plain `cargo test`.
 
@@ -7,10 +7,13 @@ pub mod batch;
 pub mod config;
 pub mod engine;
 pub mod errors;
+pub mod lane;
 pub mod mock;
 pub mod offsets;
+pub mod pool;
 pub mod seed;
 pub mod source;
+pub mod stats;
 
 mod py;
 

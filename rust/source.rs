@@ -1,140 +1,99 @@
 //! The Kafka side: one OS thread runs a `BaseConsumer` poll loop and seals fetched messages
-//! into batches by size and by linger. Rebalance callbacks run on this thread, inside
-//! `poll`, so the offset tracker is only ever touched by it and by the engine's completions.
+//! into per-partition batches by size and by linger, then offers them to the pool. A batch
+//! the pool refuses (a lane is full) is held here and its partition paused; it is offered
+//! again, and the partition resumed, once the lanes drain. Rebalance callbacks run on this
+//! thread, inside `poll`.
 //!
-//! Delivery: at least once. Offsets are stored (and then committed by librdkafka's
-//! auto-commit, or synchronously on revoke and shutdown) only for complete batches; see
-//! `offsets`.
+//! Delivery: at least once. Offsets are stored only for batches every lane finished, and
+//! committed by librdkafka's auto-commit, synchronously on revoke (before the partitions go)
+//! and at shutdown.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::collections::VecDeque;
+use std::ffi::CString;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, Sender};
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
-use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
+use rdkafka::error::{KafkaError, KafkaResult, RDKafkaErrorCode};
+use rdkafka::message::{BorrowedMessage, Message};
+use rdkafka::topic_partition_list::TopicPartitionList;
 use rdkafka::ClientContext;
 
-use crate::batch::{Batch, BatchBuilder};
+use crate::batch::{Batch, BatchBuilder, Partition};
 use crate::config::SourceConfig;
-use crate::engine::RunOptions;
 use crate::errors::{Error, Result};
-use crate::offsets::{BatchId, OffsetTracker, Storable};
 
-/// How long the poll loop may block with nothing to do before it looks at the stop flag.
-/// librdkafka's wrapper cannot be woken from outside, so this bounds the stop latency; it
-/// is the only periodic wake-up and costs a few microseconds each.
+/// How long the poll loop may block before it looks at the stop flag and at held batches.
+/// librdkafka's wrapper cannot be woken from outside, so this bounds the stop and resume
+/// latency; it is the loop's only periodic wake-up and costs a few microseconds.
 const STOP_CHECK: Duration = Duration::from_millis(250);
 
-/// Batches waiting for the engine. Two keep the engine busy while the next one fills;
-/// more would only hold memory that librdkafka's own fetch queue already bounds.
-const CHANNEL_DEPTH: usize = 2;
-
-/// What the source tells the engine, in order.
-pub enum SourceEvent {
-    Batch(BatchId, Arc<Batch>),
-    /// `idle_timeout` passed with nothing fetched, and no partial batch is pending.
-    Idle,
-    /// The consumer failed; nothing more will come.
-    Failed(Error),
+/// What the source needs from the pool (which is generic over the plugins' error type).
+pub trait Intake: Send + Sync {
+    fn assign(&self, partitions: Vec<Partition>);
+    /// Drops waiting work of the partitions and waits, bounded, for their running calls.
+    fn revoke(&self, partitions: &[Partition], timeout: Duration);
+    fn record_committed(&self, offsets: &TopicPartitionList);
+    /// Offers a batch; `Err` gives it back when a lane is full.
+    fn submit(&self, batch: Arc<Batch>) -> std::result::Result<(), Arc<Batch>>;
+    fn source_idle(&self);
+    fn source_failed(&self, error: Error);
+    fn stop_requested(&self) -> bool;
 }
 
-/// State shared by the poll thread, its rebalance callbacks and the engine.
-#[derive(Default)]
-pub struct Shared {
-    tracker: Mutex<OffsetTracker>,
-    stop: AtomicBool,
-    /// When partitions were last assigned (eager or incremental), if ever.
-    assigned_at: Mutex<Option<Instant>>,
-    last_error: Mutex<Option<String>>,
-    /// Messages and batches every plugin has finished, this run.
-    completed_messages: AtomicU64,
-    completed_batches: AtomicU64,
+/// How the source shapes batches and when it calls itself idle.
+#[derive(Clone, Copy, Debug)]
+pub struct Shape {
+    pub batch_size: usize,
+    pub linger: Duration,
+    pub idle_timeout: Option<Duration>,
+    pub revoke_timeout: Duration,
 }
 
-/// A poisoned lock means a panic elsewhere already failed the run; the data is still sound
-/// (each critical section leaves it consistent), so keep going rather than panic again.
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
-impl Shared {
-    pub fn request_stop(&self) {
-        self.stop.store(true, Ordering::Release);
-    }
-
-    pub fn stop_requested(&self) -> bool {
-        self.stop.load(Ordering::Acquire)
-    }
-
-    /// Forgets the previous run's partitions, keeping a stop that was already requested.
-    pub fn reset_for_run(&self) {
-        *self.tracker() = OffsetTracker::default();
-        *lock(&self.assigned_at) = None;
-        *lock(&self.last_error) = None;
-        self.completed_messages.store(0, Ordering::Relaxed);
-        self.completed_batches.store(0, Ordering::Relaxed);
-    }
-
-    pub fn record_completed(&self, messages: usize) {
-        self.completed_messages
-            .fetch_add(messages as u64, Ordering::Relaxed);
-        self.completed_batches.fetch_add(1, Ordering::Relaxed);
-    }
-
-    /// `(messages, batches)` completed this run.
-    pub fn completed(&self) -> (u64, u64) {
-        (
-            self.completed_messages.load(Ordering::Relaxed),
-            self.completed_batches.load(Ordering::Relaxed),
-        )
-    }
-
-    pub fn clear_stop(&self) {
-        self.stop.store(false, Ordering::Release);
-    }
-
-    pub fn tracker(&self) -> MutexGuard<'_, OffsetTracker> {
-        lock(&self.tracker)
-    }
-
-    fn last_error(&self) -> Option<String> {
-        lock(&self.last_error).clone()
-    }
+/// librdkafka's callbacks. `error` and `commit_callback` may run on librdkafka's threads;
+/// the rebalance hooks run on the poll thread, inside `poll`.
+pub struct SourceContext {
+    intake: Arc<dyn Intake>,
+    revoke_timeout: Duration,
+    /// Partitions revoked since the poll loop last looked, so it drops their partial batches.
+    revoked: Mutex<Vec<Partition>>,
+    assigned_at: Mutex<Option<Instant>>,
+    last_error: Mutex<Option<String>>,
 }
 
-/// librdkafka's callbacks. `error` runs on librdkafka's threads; the rebalance hooks run on
-/// the poll thread.
-pub struct SourceContext {
-    shared: Arc<Shared>,
+fn partitions(tpl: &TopicPartitionList) -> Vec<Partition> {
+    tpl.elements()
+        .iter()
+        .map(|e| Partition {
+            topic: Arc::from(e.topic()),
+            partition: e.partition(),
+        })
+        .collect()
 }
 
 impl ClientContext for SourceContext {
     fn error(&self, error: KafkaError, reason: &str) {
         log::warn!("librdkafka: {error}: {reason}");
-        *lock(&self.shared.last_error) = Some(format!("{error}: {reason}"));
+        *lock(&self.last_error) = Some(format!("{error}: {reason}"));
     }
-}
-
-fn partitions(tpl: &TopicPartitionList) -> Vec<(String, i32)> {
-    tpl.elements()
-        .iter()
-        .map(|e| (e.topic().to_string(), e.partition()))
-        .collect()
 }
 
 impl ConsumerContext for SourceContext {
     fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         if let Rebalance::Revoke(tpl) = rebalance {
-            // Commit what is complete while the partitions are still ours (librdkafka 4059:
-            // with manual offset stores, committing after the revoke is too late).
             let revoked = partitions(tpl);
-            let mut tracker = self.shared.tracker();
-            tracker.revoke(revoked.iter().map(|(t, p)| (t.as_str(), *p)));
+            // Finish (bounded) what is running, then commit while the partitions are still
+            // ours: with manual offset stores a commit after the revoke is too late
+            // (librdkafka issue 4059).
+            self.intake.revoke(&revoked, self.revoke_timeout);
             commit_sync(consumer, "commit on revoke");
             log::info!("revoked {} partition(s)", revoked.len());
+            lock(&self.revoked).extend(revoked);
         }
     }
 
@@ -142,14 +101,20 @@ impl ConsumerContext for SourceContext {
         match rebalance {
             Rebalance::Assign(tpl) => {
                 let assigned = partitions(tpl);
-                self.shared
-                    .tracker()
-                    .assign(assigned.iter().map(|(t, p)| (t.as_str(), *p)));
-                *lock(&self.shared.assigned_at) = Some(Instant::now());
                 log::info!("assigned {} partition(s)", assigned.len());
+                self.intake.assign(assigned);
+                *lock(&self.assigned_at) = Some(Instant::now());
             }
             Rebalance::Revoke(_) => {}
             Rebalance::Error(e) => log::warn!("rebalance error: {e}"),
+        }
+    }
+
+    fn commit_callback(&self, result: KafkaResult<()>, offsets: &TopicPartitionList) {
+        match result {
+            Ok(()) => self.intake.record_committed(offsets),
+            Err(KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset)) => {}
+            Err(e) => log::warn!("commit failed: {e}"),
         }
     }
 }
@@ -164,41 +129,41 @@ pub fn commit_sync(consumer: &KafkaConsumer, what: &str) {
     }
 }
 
-/// Stores offsets that completion made safe. The tracker's lock is held by the caller, so a
-/// concurrent revoke cannot slip between the decision and the store.
-pub fn store(consumer: &KafkaConsumer, storable: &[Storable]) -> Result<()> {
-    if storable.is_empty() {
-        return Ok(());
-    }
-    let mut tpl = TopicPartitionList::with_capacity(storable.len());
-    for s in storable {
-        tpl.add_partition_offset(&s.topic, s.partition, Offset::Offset(s.offset))
-            .map_err(|e| Error::kafka("store offsets", e))?;
-    }
-    match consumer.store_offsets(&tpl) {
-        // A partition lost between completion and store belongs to its next owner now.
-        Ok(()) | Err(KafkaError::StoreOffset(RDKafkaErrorCode::State)) => Ok(()),
-        Err(e) => Err(Error::kafka("store offsets", e)),
-    }
+/// The high watermark librdkafka last saw for a partition, without asking the broker.
+pub fn cached_high_watermark(consumer: &KafkaConsumer, partition: &Partition) -> Option<i64> {
+    let topic = CString::new(partition.topic.as_bytes()).ok()?;
+    let (mut low, mut high) = (-1i64, -1i64);
+    // SAFETY: the handle is alive for the borrow of `consumer`; the topic is a valid C string
+    // and the out-pointers point to live locals. The call only reads librdkafka's cache.
+    let err = unsafe {
+        rdkafka::bindings::rd_kafka_get_watermark_offsets(
+            consumer.client().native_ptr(),
+            topic.as_ptr(),
+            partition.partition,
+            &raw mut low,
+            &raw mut high,
+        )
+    };
+    (err == rdkafka::bindings::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR && high >= 0)
+        .then_some(high)
 }
 
 /// A running poll thread.
 pub struct Source {
     pub consumer: Arc<KafkaConsumer>,
-    pub events: Receiver<SourceEvent>,
     thread: JoinHandle<()>,
 }
 
 impl Source {
     /// Connects (bounded by `connect_timeout`), subscribes and starts the poll thread.
-    pub fn start(
-        config: &SourceConfig,
-        options: &RunOptions,
-        shared: Arc<Shared>,
-    ) -> Result<Source> {
+    pub fn start(config: &SourceConfig, shape: Shape, intake: Arc<dyn Intake>) -> Result<Source> {
         config.validate()?;
         let context = SourceContext {
-            shared: shared.clone(),
+            intake: intake.clone(),
+            revoke_timeout: shape.revoke_timeout,
+            revoked: Mutex::default(),
+            assigned_at: Mutex::default(),
+            last_error: Mutex::default(),
         };
         let consumer: KafkaConsumer = config
             .client_config()
@@ -209,7 +174,9 @@ impl Source {
             return Err(Error::Connect {
                 bootstrap: config.bootstrap.clone(),
                 waited_ms: started.elapsed().as_millis() as u64,
-                last_error: shared.last_error().or_else(|| Some(e.to_string())),
+                last_error: lock(&consumer.context().last_error)
+                    .clone()
+                    .or_else(|| Some(e.to_string())),
             });
         }
         let topics: Vec<&str> = config.topics.iter().map(String::as_str).collect();
@@ -218,143 +185,255 @@ impl Source {
             .map_err(|e| Error::kafka("subscribe", e))?;
 
         let consumer = Arc::new(consumer);
-        let (sender, events) = crossbeam_channel::bounded(CHANNEL_DEPTH);
         let poll = PollLoop {
             consumer: consumer.clone(),
-            shared,
-            sender,
-            batch_size: options.batch_size,
-            linger: options.linger,
-            idle_timeout: options.idle_timeout,
+            intake,
+            shape,
+            filling: Vec::new(),
+            last_filled: 0,
+            held: VecDeque::new(),
+            paused: Vec::new(),
+            last_message_at: Instant::now(),
         };
         let thread = std::thread::Builder::new()
             .name("fastconsume-source".into())
             .spawn(move || poll.run())
             .map_err(|e| Error::Config(format!("cannot start the source thread: {e}")))?;
-        Ok(Source {
-            consumer,
-            events,
-            thread,
-        })
+        Ok(Source { consumer, thread })
     }
 
-    /// Waits for the poll thread to end. It ends on stop, idle or failure, or once the
-    /// event receiver is gone.
+    /// Waits for the poll thread to end (it ends on stop, idle or failure).
     pub fn join(self) -> Arc<KafkaConsumer> {
-        let Source {
-            consumer,
-            events,
-            thread,
-        } = self;
-        drop(events);
-        if thread.join().is_err() {
+        if self.thread.join().is_err() {
             log::error!("the source thread panicked");
         }
-        consumer
+        self.consumer
     }
+}
+
+/// A partition's batch being filled, and when it must be sealed.
+struct Filling {
+    builder: BatchBuilder,
+    deadline: Option<Instant>,
 }
 
 struct PollLoop {
     consumer: Arc<KafkaConsumer>,
-    shared: Arc<Shared>,
-    sender: Sender<SourceEvent>,
-    batch_size: usize,
-    linger: Duration,
-    idle_timeout: Option<Duration>,
-}
-
-/// Why the loop ended, if it must tell the engine.
-enum Exit {
-    Quiet,
-    Tell(SourceEvent),
+    intake: Arc<dyn Intake>,
+    shape: Shape,
+    filling: Vec<Filling>,
+    /// Index into `filling` of the last partition pushed to: consecutive messages usually
+    /// share a partition, so the lookup is one comparison.
+    last_filled: usize,
+    /// Sealed batches the lanes refused, oldest first; their partitions are paused.
+    held: VecDeque<Arc<Batch>>,
+    paused: Vec<Partition>,
+    last_message_at: Instant,
 }
 
 impl PollLoop {
-    fn run(self) {
-        let mut builder = BatchBuilder::default();
-        if let Exit::Tell(event) = self.fill(&mut builder) {
-            // The engine may already be gone (it failed); then nobody needs to know.
-            let _ = self.sender.send(event);
+    fn run(mut self) {
+        if let Err(error) = self.fill() {
+            self.intake.source_failed(error);
         }
     }
 
-    fn fill(&self, builder: &mut BatchBuilder) -> Exit {
-        let mut sealed_at = Instant::now(); // when a batch last left: the idle clock
-        let mut linger_until: Option<Instant> = None;
+    fn fill(&mut self) -> Result<()> {
         loop {
-            if self.shared.stop_requested() {
-                return Exit::Quiet;
+            if self.intake.stop_requested() {
+                return Ok(());
             }
+            self.forget_revoked();
+            self.offer_held();
             let now = Instant::now();
-            let timeout = match linger_until {
-                Some(deadline) => deadline.saturating_duration_since(now),
-                None => self.idle_wait(now, sealed_at),
-            };
-            if timeout.is_zero() && linger_until.is_none() {
-                return Exit::Tell(SourceEvent::Idle);
+            if self.idle(now) {
+                self.intake.source_idle();
+                return Ok(());
             }
-            let first = self.consumer.poll(timeout);
-            let mut next = first;
-            // Drain what is already fetched without blocking, up to the batch size.
+            // A local handle: messages borrow it, not `self`, which files them.
+            let consumer = self.consumer.clone();
+            let mut next = consumer.poll(self.wait(now));
+            // Drain what is already fetched without blocking, until some batch is full.
             while let Some(result) = next {
-                match result {
-                    Ok(message) => {
-                        if builder.is_empty() {
-                            linger_until = Some(Instant::now() + self.linger);
-                        }
-                        builder.push(&message);
-                    }
-                    Err(e) => {
-                        if let Some(fatal) = self.consumption_error(e) {
-                            return Exit::Tell(SourceEvent::Failed(fatal));
-                        }
-                    }
-                }
-                if builder.len() >= self.batch_size {
+                if let Some(full) = self.take(result)? {
+                    self.seal(full);
                     break;
                 }
-                next = self.consumer.poll(Duration::ZERO);
+                next = consumer.poll(Duration::ZERO);
             }
-            let full = builder.len() >= self.batch_size;
-            let lingered = linger_until.is_some_and(|d| Instant::now() >= d);
-            if !builder.is_empty() && (full || lingered) {
-                let batch = builder.take();
-                let id = self.shared.tracker().track(batch.spans());
-                linger_until = None;
-                if self.sender.send(SourceEvent::Batch(id, batch)).is_err() {
-                    return Exit::Quiet;
+            let now = Instant::now();
+            for index in 0..self.filling.len() {
+                if self.filling[index].deadline.is_some_and(|d| d <= now) {
+                    self.seal(index);
                 }
-                sealed_at = Instant::now();
             }
         }
     }
 
-    /// How long to block when no batch is filling: until the idle deadline if draining,
-    /// else until the next stop check.
-    fn idle_wait(&self, now: Instant, sealed_at: Instant) -> Duration {
-        let Some(idle) = self.idle_timeout else {
-            return STOP_CHECK;
+    /// Files one poll result; returns the index of a batch that became full.
+    fn take(&mut self, result: KafkaResult<BorrowedMessage<'_>>) -> Result<Option<usize>> {
+        let message = match result {
+            Ok(message) => message,
+            Err(KafkaError::PartitionEOF(_)) => return Ok(None),
+            Err(e @ KafkaError::MessageConsumptionFatal(_)) => {
+                return Err(Error::kafka("consume", e))
+            }
+            Err(e) => {
+                log::warn!("consume: {e}");
+                return Ok(None);
+            }
         };
-        // The idle clock starts at assignment, so a slow group join is not mistaken for idle.
-        let Some(assigned_at) = *lock(&self.shared.assigned_at) else {
-            return STOP_CHECK;
-        };
-        let since = sealed_at.max(assigned_at);
-        (since + idle)
-            .saturating_duration_since(now)
-            .min(STOP_CHECK)
+        let index = self.filling_for(&message);
+        let filling = &mut self.filling[index];
+        if filling.builder.is_empty() {
+            filling.deadline = Some(Instant::now() + self.shape.linger);
+        }
+        filling.builder.push(&message);
+        self.last_message_at = Instant::now();
+        Ok((filling.builder.len() >= self.shape.batch_size).then_some(index))
     }
 
-    /// Logs a consumption error; returns it if the consumer cannot go on.
-    fn consumption_error(&self, error: KafkaError) -> Option<Error> {
-        match error {
-            KafkaError::PartitionEOF(_) => None,
-            KafkaError::MessageConsumptionFatal(_) => Some(Error::kafka("consume", error)),
-            other => {
-                log::warn!("consume: {other}");
-                *lock(&self.shared.last_error) = Some(other.to_string());
-                None
+    fn filling_for(&mut self, message: &BorrowedMessage<'_>) -> usize {
+        let matches = |f: &Filling| {
+            f.builder.partition().partition == message.partition()
+                && &*f.builder.partition().topic == message.topic()
+        };
+        if self.filling.get(self.last_filled).is_some_and(matches) {
+            return self.last_filled;
+        }
+        let index = self.filling.iter().position(matches).unwrap_or_else(|| {
+            let partition = Partition {
+                topic: Arc::from(message.topic()),
+                partition: message.partition(),
+            };
+            self.filling.push(Filling {
+                builder: BatchBuilder::new(partition),
+                deadline: None,
+            });
+            self.filling.len() - 1
+        });
+        self.last_filled = index;
+        index
+    }
+
+    /// Seals a partition's batch and offers it, unless batches of that partition are held:
+    /// then it queues behind them, keeping offset order.
+    fn seal(&mut self, index: usize) {
+        let filling = &mut self.filling[index];
+        filling.deadline = None;
+        if filling.builder.is_empty() {
+            return;
+        }
+        let batch = filling.builder.take();
+        if self.held.iter().any(|h| h.partition() == batch.partition()) {
+            self.held.push_back(batch);
+            return;
+        }
+        if let Err(refused) = self.intake.submit(batch) {
+            self.hold(refused);
+        }
+    }
+
+    fn hold(&mut self, batch: Arc<Batch>) {
+        let partition = batch.partition().clone();
+        self.held.push_back(batch);
+        if !self.paused.contains(&partition) {
+            self.set_paused(&partition, true);
+            self.paused.push(partition);
+        }
+    }
+
+    /// Offers held batches again, oldest first; resumes partitions with none left.
+    fn offer_held(&mut self) {
+        let mut still_held = VecDeque::new();
+        while let Some(batch) = self.held.pop_front() {
+            let blocked = still_held
+                .iter()
+                .any(|h: &Arc<Batch>| h.partition() == batch.partition());
+            if blocked {
+                still_held.push_back(batch);
+            } else if let Err(refused) = self.intake.submit(batch) {
+                still_held.push_back(refused);
             }
         }
+        self.held = still_held;
+        let (keep, resume): (Vec<_>, Vec<_>) = std::mem::take(&mut self.paused)
+            .into_iter()
+            .partition(|p| self.held.iter().any(|h| h.partition() == p));
+        for partition in &resume {
+            self.set_paused(partition, false);
+        }
+        if !resume.is_empty() {
+            // Fetching restarts now: the idle clock must not count the pause.
+            self.last_message_at = Instant::now();
+        }
+        self.paused = keep;
+    }
+
+    fn set_paused(&self, partition: &Partition, pause: bool) {
+        let mut tpl = TopicPartitionList::with_capacity(1);
+        tpl.add_partition(&partition.topic, partition.partition);
+        let result = if pause {
+            self.consumer.pause(&tpl)
+        } else {
+            self.consumer.resume(&tpl)
+        };
+        match result {
+            Ok(()) => log::debug!(
+                "{} {}[{}]",
+                if pause { "paused" } else { "resumed" },
+                partition.topic,
+                partition.partition
+            ),
+            Err(e) => log::warn!(
+                "pause/resume {}[{}]: {e}",
+                partition.topic,
+                partition.partition
+            ),
+        }
+    }
+
+    /// Drops partial and held batches of partitions revoked since the last look: their
+    /// new owner reads them from the committed offset.
+    fn forget_revoked(&mut self) {
+        let revoked = std::mem::take(&mut *lock(&self.consumer.context().revoked));
+        if revoked.is_empty() {
+            return;
+        }
+        for filling in &mut self.filling {
+            if revoked.contains(filling.builder.partition()) {
+                filling.builder.clear();
+                filling.deadline = None;
+            }
+        }
+        self.held.retain(|b| !revoked.contains(b.partition()));
+        self.paused.retain(|p| !revoked.contains(p));
+    }
+
+    /// How long to block in `poll`: until the next linger deadline, at most `STOP_CHECK`,
+    /// and no later than the idle deadline.
+    fn wait(&self, now: Instant) -> Duration {
+        let mut wait = STOP_CHECK;
+        for deadline in self.filling.iter().filter_map(|f| f.deadline) {
+            wait = wait.min(deadline.saturating_duration_since(now));
+        }
+        if let Some(idle_at) = self.idle_deadline() {
+            wait = wait.min(idle_at.saturating_duration_since(now));
+        }
+        wait
+    }
+
+    /// When drain mode calls the source idle: `idle_timeout` after the later of the last
+    /// message and the last assignment (so a slow group join is not idle).
+    fn idle_deadline(&self) -> Option<Instant> {
+        let idle = self.shape.idle_timeout?;
+        let assigned_at = (*lock(&self.consumer.context().assigned_at))?;
+        Some(self.last_message_at.max(assigned_at) + idle)
+    }
+
+    fn idle(&self, now: Instant) -> bool {
+        self.idle_deadline().is_some_and(|at| now >= at)
+            && self.held.is_empty()
+            && self.filling.iter().all(|f| f.builder.is_empty())
     }
 }

@@ -6,18 +6,34 @@ import signal
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
+from dataclasses import replace
 from types import FrameType
 from typing import Any, TypeVar, overload
 
 from . import _core
 from ._durations import Duration, seconds
-from ._plugins import DEFAULT_BATCH_SIZE, DEFAULT_LINGER, AsyncLoop, Plugin, PluginFunc, SyncPlugin, make_plugin
+from ._plugins import (
+    DEFAULT_BATCH_SIZE,
+    DEFAULT_CONCURRENCY,
+    DEFAULT_LINGER,
+    DEFAULT_MAX_QUEUED,
+    DEFAULT_MAX_QUEUED_BYTES,
+    AsyncLoop,
+    Plugin,
+    PluginFunc,
+    make_plugin,
+)
+from ._process import process_stats
 from .errors import ConfigError
 
 F = TypeVar("F", bound=PluginFunc)
 
 DEFAULT_CONNECT_TIMEOUT = 10.0
 """Seconds to wait for the brokers' first answer before raising ``KafkaConnectionError``."""
+DEFAULT_SHUTDOWN_TIMEOUT = 30.0
+"""Seconds a stop waits for running plugin calls before leaving without their results."""
+DEFAULT_REVOKE_TIMEOUT = 30.0
+"""Seconds a rebalance waits for running calls on revoked partitions before committing."""
 
 
 class App:
@@ -45,6 +61,13 @@ class App:
             ``enable.auto.offset.store`` itself.
         connect_timeout: How long ``run()`` waits for the brokers before raising
             :class:`~fastconsume.errors.KafkaConnectionError`.
+        workers: Worker threads calling plugins. The default is the sum of the plugins'
+            ``concurrency``, so a slow plugin never waits for a thread another one holds;
+            idle workers sleep, so they cost nothing.
+        shutdown_timeout: How long a stop waits for running plugin calls; their results are
+            not committed if they do not return in time.
+        revoke_timeout: How long a rebalance waits for running calls on the partitions it
+            takes away before committing and letting them go.
     """
 
     def __init__(
@@ -55,6 +78,9 @@ class App:
         *,
         kafka: Mapping[str, object] | None = None,
         connect_timeout: Duration = DEFAULT_CONNECT_TIMEOUT,
+        workers: int | None = None,
+        shutdown_timeout: Duration = DEFAULT_SHUTDOWN_TIMEOUT,
+        revoke_timeout: Duration = DEFAULT_REVOKE_TIMEOUT,
     ) -> None:
         topic_list = [topics] if isinstance(topics, str) else list(topics)
         if not all(isinstance(t, str) for t in topic_list):
@@ -66,6 +92,11 @@ class App:
             kafka=[(str(k), _property_value(v)) for k, v in (kafka or {}).items()],
             connect_timeout=seconds(connect_timeout, "connect_timeout"),
         )
+        if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
+            raise ConfigError(f"workers must be a positive integer, got {workers!r}")
+        self._workers = workers
+        self._shutdown_timeout = seconds(shutdown_timeout, "shutdown_timeout")
+        self._revoke_timeout = seconds(revoke_timeout, "revoke_timeout")
         self._plugins: list[Plugin] = []
 
     @property
@@ -78,7 +109,14 @@ class App:
 
     @overload
     def plugin(
-        self, *, name: str | None = None, batch_size: int = DEFAULT_BATCH_SIZE, linger: Duration = DEFAULT_LINGER
+        self,
+        *,
+        name: str | None = None,
+        batch_size: int = DEFAULT_BATCH_SIZE,
+        linger: Duration = DEFAULT_LINGER,
+        concurrency: int = DEFAULT_CONCURRENCY,
+        max_queued: int = DEFAULT_MAX_QUEUED,
+        max_queued_bytes: int = DEFAULT_MAX_QUEUED_BYTES,
     ) -> Callable[[F], F]: ...
 
     def plugin(
@@ -88,19 +126,37 @@ class App:
         name: str | None = None,
         batch_size: int = DEFAULT_BATCH_SIZE,
         linger: Duration = DEFAULT_LINGER,
+        concurrency: int = DEFAULT_CONCURRENCY,
+        max_queued: int = DEFAULT_MAX_QUEUED,
+        max_queued_bytes: int = DEFAULT_MAX_QUEUED_BYTES,
     ) -> F | Callable[[F], F]:
         """Registers a plugin: a callable, sync or ``async``, that takes a :class:`Batch`.
 
         Usable bare (``@app.plugin``) or with options (``@app.plugin(batch_size=100)``).
+        Each plugin has its own lane, so a slow or failing plugin holds back only itself
+        until its lane is full; then fetching pauses for the partitions feeding it.
 
         Args:
             name: Names the plugin in stats and errors; defaults to the function's name.
-            batch_size: The most messages one call receives.
+            batch_size: The most messages one call receives. A call holds messages of one
+                partition, in offset order.
             linger: How long a batch may wait to fill once it holds a message.
+            concurrency: Calls in flight at once, each on a different partition.
+            max_queued: Messages waiting or running in the lane before fetching pauses; it
+                resumes once half have been handled.
+            max_queued_bytes: The same bound in payload bytes.
         """
 
         def register(f: F) -> F:
-            plugin = make_plugin(f, name=name, batch_size=batch_size, linger=linger)
+            plugin = make_plugin(
+                f,
+                name=name,
+                batch_size=batch_size,
+                linger=linger,
+                concurrency=concurrency,
+                max_queued=max_queued,
+                max_queued_bytes=max_queued_bytes,
+            )
             if any(p.name == plugin.name for p in self._plugins):
                 raise ConfigError(f"a plugin named {plugin.name!r} is already registered; pass name=...")
             self._plugins.append(plugin)
@@ -122,11 +178,19 @@ class App:
             raise ConfigError("register at least one plugin before run()")
         idle = None if idle_timeout is None else seconds(idle_timeout, "idle_timeout")
         linger = min(p.linger for p in self._plugins)
+        workers = self._workers if self._workers is not None else sum(p.concurrency for p in self._plugins)
         with ExitStack() as stack:
-            calls = self._plugin_calls(stack)
+            plugins = self._runnable_plugins(stack)
 
             def run() -> None:
-                self._core.run(calls, linger=linger, idle_timeout=idle)
+                self._core.run(
+                    plugins,
+                    linger=linger,
+                    workers=workers,
+                    shutdown_timeout=self._shutdown_timeout,
+                    revoke_timeout=self._revoke_timeout,
+                    idle_timeout=idle,
+                )
 
             if threading.current_thread() is threading.main_thread():
                 with _signals_call(self.stop):
@@ -134,13 +198,13 @@ class App:
             else:
                 run()
 
-    def _plugin_calls(self, stack: ExitStack) -> list[tuple[str, SyncPlugin, int]]:
-        loop = stack.enter_context(AsyncLoop()) if any(p.is_async for p in self._plugins) else None
-        calls: list[tuple[str, SyncPlugin, int]] = []
-        for p in self._plugins:
-            call = loop.wrap(p.func) if loop is not None and p.is_async else p.func  # type: ignore[arg-type]
-            calls.append((p.name, call, p.batch_size))
-        return calls
+    def _runnable_plugins(self, stack: ExitStack) -> list[Plugin]:
+        """The plugins with async ones wrapped to run on an event loop that lives as long as
+        the run (started only if there are any)."""
+        if not any(p.is_async for p in self._plugins):
+            return list(self._plugins)
+        loop = stack.enter_context(AsyncLoop())
+        return [replace(p, func=loop.wrap(p.func)) if p.is_async else p for p in self._plugins]  # type: ignore[arg-type]
 
     def stop(self) -> None:
         """Ends the current run gracefully; callable from any thread, a plugin or a signal
@@ -148,9 +212,19 @@ class App:
         self._core.stop()
 
     def stats(self) -> dict[str, Any]:
-        """Counters of the current or last run: messages and batches every plugin finished,
-        and per plugin its batches, messages, errors, busy time and slowest call."""
-        return self._core.stats()
+        """Counters of the current or last run.
+
+        - ``messages``: fetched and handed to the plugins;
+        - ``plugins``: per plugin, ``batches``, ``messages`` and ``errors`` handled,
+          ``in_flight`` calls, ``queued`` messages (waiting or running), ``queued_peak``,
+          ``max_queued``, and call latency ``latency_p50`` and ``latency_p99`` in seconds;
+        - ``partitions``: per assigned partition, ``position`` (next offset fetched),
+          ``committed`` and ``lag`` (high watermark minus committed);
+        - ``process``: ``threads``, ``cpu_seconds`` and ``rss_bytes``.
+        """
+        stats = self._core.stats()
+        stats["process"] = process_stats()
+        return stats
 
 
 def _property_value(value: object) -> str:

@@ -1,7 +1,7 @@
 """Stubs for the native module. Checked against the module by ``mypy.stubtest``."""
 
-from collections.abc import Callable, Iterator
-from typing import Any, final
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, Protocol, final
 
 __version__: str
 
@@ -33,11 +33,33 @@ class Batch:
     @property
     def plugin(self) -> str:
         """The name of the plugin this batch was made for."""
+    @property
+    def topic(self) -> str:
+        """The topic every message of the batch comes from."""
+    @property
+    def partition(self) -> int:
+        """The partition every message of the batch comes from."""
     def __len__(self) -> int: ...
     def __iter__(self) -> Iterator[Message]: ...
     def __getitem__(self, index: int) -> Message: ...
     def values(self) -> list[bytes | None]:
         """The message values in order, without building ``Message`` objects."""
+
+class PluginSpec(Protocol):
+    """What ``Consumer.run`` reads of each plugin (``fastconsume._plugins.Plugin``)."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def func(self) -> Callable[[Batch], object]: ...
+    @property
+    def batch_size(self) -> int: ...
+    @property
+    def concurrency(self) -> int: ...
+    @property
+    def max_queued(self) -> int: ...
+    @property
+    def max_queued_bytes(self) -> int: ...
 
 @final
 class Consumer:
@@ -52,9 +74,12 @@ class Consumer:
     ) -> Consumer: ...
     def run(
         self,
-        plugins: list[tuple[str, Callable[[Batch], object], int]],
+        plugins: Sequence[PluginSpec],
         *,
         linger: float,
+        workers: int,
+        shutdown_timeout: float,
+        revoke_timeout: float,
         idle_timeout: float | None = None,
     ) -> None: ...
     def stop(self) -> None: ...

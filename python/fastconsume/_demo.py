@@ -77,9 +77,13 @@ def print_report(result: DemoResult) -> None:
     print(f"msg/s            {result.rate:>12,.0f}")
     print(f"CPU us/msg       {result.cpu_us_per_message:>12.2f}  (process CPU; includes the in-process mock broker)")
     print()
-    print(f"{'plugin':<10} {'batches':>8} {'messages':>10} {'mean ms':>9} {'max ms':>9}")
+    print(f"{'plugin':<10} {'batches':>8} {'messages':>10} {'p50 ms':>9} {'p99 ms':>9} {'queue peak':>11}")
     plugins = result.stats.get("plugins", {})
     assert isinstance(plugins, dict)
     for name, s in plugins.items():
-        mean = s["busy_seconds"] / s["batches"] * 1e3 if s["batches"] else 0.0
-        print(f"{name:<10} {s['batches']:>8} {s['messages']:>10,} {mean:>9.3f} {s['max_latency_seconds'] * 1e3:>9.3f}")
+        p50, p99 = s["latency_p50"] * 1e3, s["latency_p99"] * 1e3
+        print(f"{name:<10} {s['batches']:>8} {s['messages']:>10,} {p50:>9.3f} {p99:>9.3f} {s['queued_peak']:>11,}")
+    process = result.stats.get("process", {})
+    assert isinstance(process, dict)
+    print()
+    print(f"threads {process['threads']}, RSS {process['rss_bytes'] / 2**20:.0f} MiB")

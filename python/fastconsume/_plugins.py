@@ -19,6 +19,9 @@ PluginFunc = SyncPlugin | AsyncPlugin
 
 DEFAULT_BATCH_SIZE = 500
 DEFAULT_LINGER = "20ms"
+DEFAULT_CONCURRENCY = 1
+DEFAULT_MAX_QUEUED = 10_000
+DEFAULT_MAX_QUEUED_BYTES = 64 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -29,10 +32,28 @@ class Plugin:
     func: PluginFunc
     batch_size: int
     linger: float
+    concurrency: int
+    max_queued: int
+    max_queued_bytes: int
     is_async: bool
 
 
-def make_plugin(func: PluginFunc, *, name: str | None, batch_size: int, linger: Duration) -> Plugin:
+def _positive_int(value: object, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{what} must be a positive integer, got {value!r}")
+    return value
+
+
+def make_plugin(
+    func: PluginFunc,
+    *,
+    name: str | None,
+    batch_size: int,
+    linger: Duration,
+    concurrency: int,
+    max_queued: int,
+    max_queued_bytes: int,
+) -> Plugin:
     """Validates a plugin at registration, so mistakes surface before ``run()``."""
     if not callable(func):
         raise TypeError(f"a plugin must be callable, got {type(func).__name__}: {func!r}")
@@ -42,8 +63,12 @@ def make_plugin(func: PluginFunc, *, name: str | None, batch_size: int, linger: 
         raise TypeError(f"plugin {_name_of(func)!r} must accept one positional argument, the batch") from None
     except ValueError:
         pass  # no introspectable signature (some builtins): trust the caller
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}")
+    _positive_int(batch_size, "batch_size")
+    _positive_int(concurrency, "concurrency")
+    _positive_int(max_queued, "max_queued")
+    _positive_int(max_queued_bytes, "max_queued_bytes")
+    if max_queued < batch_size:
+        raise ConfigError(f"max_queued ({max_queued}) must be at least batch_size ({batch_size})")
     plugin_name = name if name is not None else _name_of(func)
     if not isinstance(plugin_name, str) or not plugin_name:
         raise ConfigError(f"a plugin name must be a non-empty string, got {plugin_name!r}")
@@ -52,6 +77,9 @@ def make_plugin(func: PluginFunc, *, name: str | None, batch_size: int, linger: 
         func=func,
         batch_size=batch_size,
         linger=seconds(linger, "linger"),
+        concurrency=concurrency,
+        max_queued=max_queued,
+        max_queued_bytes=max_queued_bytes,
         is_async=_is_async(func),
     )
 

@@ -1,7 +1,8 @@
 //! `Batch` and `Message` as Python sees them. A fetched batch becomes Python objects once,
 //! lazily, under the GIL: the values tuple on first `values()`, the messages tuple on first
-//! iteration. Every plugin's `Batch` is a view on the same objects, which are immutable.
+//! iteration or indexing. Every plugin's `Batch` is a view on the same immutable objects.
 
+use std::ops::Range;
 use std::sync::Arc;
 
 use pyo3::prelude::*;
@@ -47,90 +48,88 @@ impl PyMessage {
     }
 }
 
-/// The Python objects of one fetched batch, built at most once.
-pub struct BatchObjects {
-    batch: Arc<Batch>,
+/// The Python objects of one fetched batch, built at most once and shared by its plugins.
+struct BatchObjects {
     values: PyOnceLock<Py<PyTuple>>,
     messages: PyOnceLock<Py<PyTuple>>,
 }
 
 impl BatchObjects {
-    pub fn new(batch: Arc<Batch>) -> Self {
+    fn new() -> Self {
         BatchObjects {
-            batch,
             values: PyOnceLock::new(),
             messages: PyOnceLock::new(),
         }
     }
-
-    fn values<'py>(&self, py: Python<'py>) -> PyResult<&Bound<'py, PyTuple>> {
-        let values = self.values.get_or_try_init(py, || {
-            let items = self
-                .batch
-                .iter()
-                .map(|m| m.value.map(|v| PyBytes::new(py, v)));
-            PyTuple::new(py, items).map(Bound::unbind)
-        })?;
-        Ok(values.bind(py))
-    }
-
-    fn messages<'py>(&self, py: Python<'py>) -> PyResult<&Bound<'py, PyTuple>> {
-        let messages = self.messages.get_or_try_init(py, || {
-            let values = self.values(py)?;
-            let topics: Vec<Py<PyString>> = self
-                .batch
-                .topics()
-                .iter()
-                .map(|t| PyString::new(py, t).unbind())
-                .collect();
-            let no_headers = PyTuple::empty(py).unbind();
-            let mut items = Vec::with_capacity(self.batch.len());
-            for (i, m) in self.batch.iter().enumerate() {
-                let headers = if m.headers().len() == 0 {
-                    no_headers.clone_ref(py)
-                } else {
-                    let pairs = m.headers().map(|(name, value)| {
-                        (
-                            PyString::new(py, &String::from_utf8_lossy(name)),
-                            value.map(|v| PyBytes::new(py, v)),
-                        )
-                    });
-                    PyTuple::new(py, pairs)?.unbind()
-                };
-                let message = PyMessage {
-                    key: m.key.map(|k| PyBytes::new(py, k).unbind()),
-                    value: values.get_item(i)?.extract()?,
-                    headers,
-                    topic: topics[m.topic_index].clone_ref(py),
-                    partition: m.partition,
-                    offset: m.offset,
-                    timestamp: m.timestamp,
-                };
-                items.push(Py::new(py, message)?);
-            }
-            PyTuple::new(py, items).map(Bound::unbind)
-        })?;
-        Ok(messages.bind(py))
-    }
 }
 
-/// The messages one plugin call receives: a slice of a fetched batch.
+fn objects(batch: &Batch) -> PyResult<&BatchObjects> {
+    batch
+        .host(BatchObjects::new)
+        .ok_or_else(|| pyo3::exceptions::PyRuntimeError::new_err("batch objects of another type"))
+}
+
+fn values<'a, 'py>(py: Python<'py>, batch: &'a Batch) -> PyResult<&'a Bound<'py, PyTuple>> {
+    let values = objects(batch)?.values.get_or_try_init(py, || {
+        let items = batch.iter().map(|m| m.value.map(|v| PyBytes::new(py, v)));
+        PyTuple::new(py, items).map(Bound::unbind)
+    })?;
+    Ok(values.bind(py))
+}
+
+fn messages<'a, 'py>(py: Python<'py>, batch: &'a Batch) -> PyResult<&'a Bound<'py, PyTuple>> {
+    let messages = objects(batch)?.messages.get_or_try_init(py, || {
+        let values = values(py, batch)?;
+        let topic = PyString::new(py, &batch.partition().topic).unbind();
+        let partition = batch.partition().partition;
+        let no_headers = PyTuple::empty(py).unbind();
+        let mut items = Vec::with_capacity(batch.len());
+        for (i, m) in batch.iter().enumerate() {
+            let headers = if m.headers().len() == 0 {
+                no_headers.clone_ref(py)
+            } else {
+                let pairs = m.headers().map(|(name, value)| {
+                    (
+                        PyString::new(py, &String::from_utf8_lossy(name)),
+                        value.map(|v| PyBytes::new(py, v)),
+                    )
+                });
+                PyTuple::new(py, pairs)?.unbind()
+            };
+            let message = PyMessage {
+                key: m.key.map(|k| PyBytes::new(py, k).unbind()),
+                value: values.get_item(i)?.extract()?,
+                headers,
+                topic: topic.clone_ref(py),
+                partition,
+                offset: m.offset,
+                timestamp: m.timestamp,
+            };
+            items.push(Py::new(py, message)?);
+        }
+        PyTuple::new(py, items).map(Bound::unbind)
+    })?;
+    Ok(messages.bind(py))
+}
+
+/// The messages one plugin call receives: a slice of one partition's fetched batch.
 #[pyclass(frozen, sequence, module = "fastconsume._core", name = "Batch")]
 pub struct PyBatch {
-    objects: Arc<BatchObjects>,
+    batch: Arc<Batch>,
     start: usize,
     end: usize,
+    /// The name of the plugin this batch was made for.
     #[pyo3(get)]
     plugin: Py<PyString>,
 }
 
 impl PyBatch {
-    pub fn new(objects: Arc<BatchObjects>, start: usize, end: usize, plugin: Py<PyString>) -> Self {
-        debug_assert!(start <= end && end <= objects.batch.len());
+    pub fn new(batch: Arc<Batch>, range: Range<usize>, plugin: Py<PyString>) -> Self {
+        debug_assert!(range.end <= batch.len());
         PyBatch {
-            objects,
-            start,
-            end,
+            batch,
+            start: range.start,
+            end: range.end,
             plugin,
         }
     }
@@ -143,8 +142,8 @@ impl PyBatch {
     }
 
     fn __iter__<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
-        let messages = self.objects.messages(py)?.get_slice(self.start, self.end);
-        Ok(messages.as_any().try_iter()?.into_any())
+        let slice = messages(py, &self.batch)?.get_slice(self.start, self.end);
+        Ok(slice.as_any().try_iter()?.into_any())
     }
 
     fn __getitem__<'py>(&self, py: Python<'py>, index: isize) -> PyResult<Bound<'py, PyAny>> {
@@ -155,24 +154,38 @@ impl PyBatch {
                 "batch index {index} out of range for {len} messages"
             )));
         }
-        self.objects
-            .messages(py)?
-            .get_item(self.start + position as usize)
+        messages(py, &self.batch)?.get_item(self.start + position as usize)
     }
 
     /// The message values in order, without building `Message` objects.
     fn values<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
-        Ok(self
-            .objects
-            .values(py)?
+        Ok(values(py, &self.batch)?
             .get_slice(self.start, self.end)
             .to_list())
     }
 
+    /// The topic every message of the batch comes from.
+    #[getter]
+    fn topic(&self) -> &str {
+        &self.batch.partition().topic
+    }
+
+    /// The partition every message of the batch comes from.
+    #[getter]
+    fn partition(&self) -> i32 {
+        self.batch.partition().partition
+    }
+
     fn __repr__(&self, py: Python<'_>) -> String {
+        let (first, last) = (
+            self.batch.get(self.start).offset,
+            self.batch.get(self.end - 1).offset,
+        );
         format!(
-            "Batch(plugin={:?}, messages={})",
+            "Batch(plugin={:?}, topic={:?}, partition={}, offsets={first}..={last}, messages={})",
             self.plugin.bind(py).to_string_lossy(),
+            self.topic(),
+            self.partition(),
             self.__len__()
         )
     }

@@ -1,8 +1,8 @@
 //! `Consumer`: the native engine behind `fastconsume.App`. `run` releases the GIL for the
-//! whole run and attaches it only inside plugin calls; `stop` may come from any thread.
+//! whole run (worker threads attach on their own); `stop` may come from any thread.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::Arc;
 use std::time::Duration;
 
 use pyo3::exceptions::PyRuntimeError;
@@ -10,17 +10,17 @@ use pyo3::prelude::*;
 use pyo3::types::PyDict;
 
 use super::errors::to_pyerr;
-use super::plugins::{Plugin, PluginRunner, PluginStats};
+use super::plugins::{PluginFailure, PluginSpec, Plugins};
 use crate::config::SourceConfig;
 use crate::engine::{Engine, RunError, RunOptions};
+use crate::errors::Error;
+use crate::lane::LaneOptions;
 
 #[pyclass(frozen, module = "fastconsume._core", name = "Consumer")]
 pub struct PyConsumer {
     config: SourceConfig,
-    engine: Engine,
+    engine: Engine<PluginFailure>,
     running: AtomicBool,
-    plugin_names: Mutex<Vec<String>>,
-    plugin_stats: Arc<Mutex<Vec<PluginStats>>>,
 }
 
 /// Clears `running` however a run ends.
@@ -30,6 +30,11 @@ impl Drop for RunningGuard<'_> {
     fn drop(&mut self) {
         self.0.store(false, Ordering::Release);
     }
+}
+
+fn duration(py: Python<'_>, seconds: f64, what: &str) -> PyResult<Duration> {
+    Duration::try_from_secs_f64(seconds)
+        .map_err(|e| to_pyerr(py, &Error::Config(format!("{what}: {e}"))))
 }
 
 #[pymethods]
@@ -49,98 +54,109 @@ impl PyConsumer {
             group,
             topics,
             kafka,
-            connect_timeout: Duration::try_from_secs_f64(connect_timeout).map_err(|e| {
-                to_pyerr(
-                    py,
-                    &crate::errors::Error::Config(format!("connect_timeout: {e}")),
-                )
-            })?,
+            connect_timeout: duration(py, connect_timeout, "connect_timeout")?,
         };
         config.validate().map_err(|e| to_pyerr(py, &e))?;
         Ok(PyConsumer {
             config,
             engine: Engine::default(),
             running: AtomicBool::new(false),
-            plugin_names: Mutex::default(),
-            plugin_stats: Arc::default(),
         })
     }
 
-    /// Consumes until `stop()`, or in drain mode until idle. `plugins` holds
-    /// `(name, callable, batch_size)`; fetched batches hold up to the largest batch size
-    /// and wait at most `linger` seconds to fill.
-    #[pyo3(signature = (plugins, *, linger, idle_timeout=None))]
+    /// Consumes until `stop()`, a plugin failure, or in drain mode until idle.
+    #[pyo3(signature = (plugins, *, linger, workers, shutdown_timeout, revoke_timeout, idle_timeout=None))]
+    #[allow(clippy::too_many_arguments)] // each is a keyword argument of the Python method
     fn run(
         &self,
         py: Python<'_>,
-        plugins: Vec<(String, Py<PyAny>, usize)>,
+        plugins: Vec<PluginSpec>,
         linger: f64,
+        workers: usize,
+        shutdown_timeout: f64,
+        revoke_timeout: f64,
         idle_timeout: Option<f64>,
     ) -> PyResult<()> {
         if self.running.swap(true, Ordering::AcqRel) {
             return Err(PyRuntimeError::new_err("this app is already running"));
         }
         let _running = RunningGuard(&self.running);
-        let seconds = |value: f64, what: &str| {
-            Duration::try_from_secs_f64(value)
-                .map_err(|e| to_pyerr(py, &crate::errors::Error::Config(format!("{what}: {e}"))))
-        };
         let options = RunOptions {
-            batch_size: plugins.iter().map(|p| p.2).max().unwrap_or(1),
-            linger: seconds(linger, "linger")?,
+            lanes: plugins
+                .iter()
+                .map(|p| LaneOptions {
+                    name: p.name.clone(),
+                    batch_size: p.batch_size,
+                    concurrency: p.concurrency,
+                    max_queued: p.max_queued,
+                    max_queued_bytes: p.max_queued_bytes,
+                })
+                .collect(),
+            linger: duration(py, linger, "linger")?,
             idle_timeout: idle_timeout
-                .map(|s| seconds(s, "idle_timeout"))
+                .map(|s| duration(py, s, "idle_timeout"))
                 .transpose()?,
+            workers,
+            shutdown_timeout: duration(py, shutdown_timeout, "shutdown_timeout")?,
+            revoke_timeout: duration(py, revoke_timeout, "revoke_timeout")?,
         };
-        let plugins: Vec<Plugin> = plugins
-            .into_iter()
-            .map(|(name, call, batch_size)| Plugin {
-                name,
-                call,
-                batch_size,
-            })
-            .collect();
-        *self
-            .plugin_names
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner) =
-            plugins.iter().map(|p| p.name.clone()).collect();
-        let mut runner = PluginRunner::new(py, plugins, self.plugin_stats.clone());
-        let outcome = py.detach(|| self.engine.run(&self.config, &options, &mut runner));
+        let plugins = Arc::new(Plugins::new(py, &plugins));
+        let outcome = py.detach(|| {
+            self.engine
+                .run(&self.config, &options, move |pool| plugins.serve(pool))
+        });
         match outcome {
-            Ok(_) => Ok(()),
+            Ok(()) => Ok(()),
             Err(RunError::Core(error)) => Err(to_pyerr(py, &error)),
-            Err(RunError::Handler(failure)) => Err(failure.into_pyerr(py)),
+            Err(RunError::Plugin(failure)) => Err(failure.into_pyerr(py)),
         }
     }
 
     /// Asks the current run (or the next, if none is running) to stop gracefully.
     fn stop(&self) {
-        self.engine.stop_handle().stop();
+        self.engine.stop();
     }
 
     /// Counters of the current or last run.
     fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         let stats = PyDict::new(py);
-        let summary = self.engine.progress();
         stats.set_item("running", self.running.load(Ordering::Acquire))?;
-        stats.set_item("messages", summary.messages)?;
-        stats.set_item("batches", summary.batches)?;
+        let snapshot = py.detach(|| self.engine.snapshot());
         let plugins = PyDict::new(py);
-        let names = self
-            .plugin_names
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone();
-        let counters = self
-            .plugin_stats
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone();
-        for (name, counters) in names.iter().zip(counters) {
-            plugins.set_item(name, counters.to_dict(py)?)?;
+        let partitions = PyDict::new(py);
+        stats.set_item("messages", snapshot.as_ref().map_or(0, |s| s.admitted))?;
+        for (name, lane, options) in snapshot.iter().flat_map(|s| &s.lanes) {
+            let d = PyDict::new(py);
+            d.set_item("batches", lane.batches)?;
+            d.set_item("messages", lane.messages)?;
+            d.set_item("errors", lane.errors)?;
+            d.set_item("in_flight", lane.in_flight)?;
+            d.set_item("queued", lane.queued)?;
+            d.set_item("queued_peak", lane.queued_peak)?;
+            d.set_item("max_queued", options.max_queued)?;
+            d.set_item("latency_p50", lane.latency.quantile(0.5).as_secs_f64())?;
+            d.set_item("latency_p99", lane.latency.quantile(0.99).as_secs_f64())?;
+            plugins.set_item(name, d)?;
+        }
+        for p in snapshot.iter().flat_map(|s| &s.partitions) {
+            let d = PyDict::new(py);
+            d.set_item("topic", &*p.partition.topic)?;
+            d.set_item("partition", p.partition.partition)?;
+            d.set_item("position", p.position)?;
+            d.set_item("committed", p.committed)?;
+            let lag = match (p.high_watermark, p.committed) {
+                (Some(high), Some(committed)) => Some((high - committed).max(0)),
+                (Some(high), None) => p.position.map(|_| high),
+                _ => None,
+            };
+            d.set_item("lag", lag)?;
+            partitions.set_item(
+                format!("{}[{}]", p.partition.topic, p.partition.partition),
+                d,
+            )?;
         }
         stats.set_item("plugins", plugins)?;
+        stats.set_item("partitions", partitions)?;
         Ok(stats)
     }
 }
