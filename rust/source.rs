@@ -29,6 +29,10 @@ use crate::errors::{Error, Result};
 /// latency; it is the loop's only periodic wake-up and costs a few microseconds.
 const STOP_CHECK: Duration = Duration::from_millis(250);
 
+/// How often held batches are offered again while a lane is full. Short, so fetching
+/// resumes soon after the lane drains; it applies only while backpressure lasts.
+const HELD_RETRY: Duration = Duration::from_millis(20);
+
 /// What the source needs from the pool (which is generic over the plugins' error type).
 pub trait Intake: Send + Sync {
     fn assign(&self, partitions: Vec<Partition>);
@@ -410,10 +414,14 @@ impl PollLoop {
         self.paused.retain(|p| !revoked.contains(p));
     }
 
-    /// How long to block in `poll`: until the next linger deadline, at most `STOP_CHECK`,
-    /// and no later than the idle deadline.
+    /// How long to block in `poll`: until the next linger deadline, at most `STOP_CHECK`
+    /// (`HELD_RETRY` while batches are held), and no later than the idle deadline.
     fn wait(&self, now: Instant) -> Duration {
-        let mut wait = STOP_CHECK;
+        let mut wait = if self.held.is_empty() {
+            STOP_CHECK
+        } else {
+            HELD_RETRY
+        };
         for deadline in self.filling.iter().filter_map(|f| f.deadline) {
             wait = wait.min(deadline.saturating_duration_since(now));
         }

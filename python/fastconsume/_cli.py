@@ -13,6 +13,7 @@ from ._demo import DEFAULT_PARTITIONS, print_report, run_demo
 from .errors import ConfigError, FastconsumeError, PluginError
 
 USAGE_ERROR = 2
+INTERRUPTED = 130  # the shell's code for a SIGINT exit
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -39,6 +40,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (FastconsumeError, TypeError) as error:
         print(f"fastconsume: {error}", file=sys.stderr)
         return USAGE_ERROR
+    except KeyboardInterrupt as interrupt:  # a second signal: stop at once, uncommitted work stays
+        print(f"fastconsume: {interrupt or 'interrupted'}", file=sys.stderr)
+        return INTERRUPTED
     return 0
 
 
