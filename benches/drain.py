@@ -53,7 +53,7 @@ class Tally:
     target: int
     count_a: int = 0
     count_b: int = 0
-    seen: int = 0  # messages through the last plugin; the drain ends when this reaches target
+    seen: int = 0  # messages through the third plugin; the drain ends when all three reach target
     total_bytes: int = 0
     start: tuple[float, float, os.times_result] | None = None
     end: tuple[float, float, os.times_result] | None = None
@@ -63,7 +63,7 @@ class Tally:
 
     @property
     def done(self) -> bool:
-        return self.seen >= self.target
+        return min(self.count_a, self.count_b, self.seen) >= self.target
 
     def mark_start(self) -> None:
         if self.start is None:
@@ -129,23 +129,32 @@ def thread_cpu() -> dict[str, float]:
 def drain_fastconsume(bootstrap: str, topic: str, group: str, tally: Tally) -> None:
     app = fc.App(bootstrap, group, [topic], kafka={"fetch.wait.max.ms": FETCH_WAIT_MAX_MS})
 
+    # Each plugin has its own lane (one thread at a time per lane, so each counter has one
+    # writer); the drain ends when the last of the three has seen every message.
+    def finish_if_done() -> None:
+        if tally.done:
+            tally.mark_end()
+            app.stop()
+
     @app.plugin(batch_size=BATCH_SIZE)
     def count_a(batch: fc.Batch) -> None:
         tally.mark_start()
         tally.count_a += len(batch)
+        finish_if_done()
 
     @app.plugin(batch_size=BATCH_SIZE)
     def count_b(batch: fc.Batch) -> None:
+        tally.mark_start()
         tally.count_b += len(batch)
+        finish_if_done()
 
     @app.plugin(batch_size=BATCH_SIZE)
     def total_bytes(batch: fc.Batch) -> None:
+        tally.mark_start()
         values = batch.values()
         tally.total_bytes += sum(len(v) for v in values if v is not None)
         tally.seen += len(values)
-        if tally.done:
-            tally.mark_end()
-            app.stop()
+        finish_if_done()
 
     app.run(idle_timeout=IDLE_TIMEOUT)
     tally.extra["stats"] = app.stats()

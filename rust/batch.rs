@@ -71,9 +71,7 @@ impl<'a> MessageView<'a> {
     /// The headers as `(name, value)` pairs, in the order the producer wrote them.
     pub fn headers(&self) -> impl ExactSizeIterator<Item = (&'a [u8], Option<&'a [u8]>)> + 'a {
         let bytes = self.bytes;
-        self.headers
-            .iter()
-            .map(move |h| (&bytes[h.name.range()], h.value.map(|v| &bytes[v.range()])))
+        self.headers.iter().map(move |h| (&bytes[h.name.range()], h.value.map(|v| &bytes[v.range()])))
     }
 }
 
@@ -129,6 +127,47 @@ impl Batch {
     }
 }
 
+/// Receives a header's name and value.
+pub type HeaderSink<'a> = dyn FnMut(&[u8], Option<&[u8]>) + 'a;
+
+/// A fetched message as the builder reads it: rust-rdkafka's messages, and the raw ones the
+/// source drains in bulk (`fetch`).
+pub trait Fetched {
+    fn offset(&self) -> i64;
+    /// Milliseconds since the epoch, if the broker gave one.
+    fn timestamp(&self) -> Option<i64>;
+    fn key(&self) -> Option<&[u8]>;
+    fn value(&self) -> Option<&[u8]>;
+    /// Calls `f` with each header's name and value, in order.
+    fn for_each_header(&self, f: &mut HeaderSink<'_>);
+}
+
+impl<M: Message> Fetched for M {
+    fn offset(&self) -> i64 {
+        Message::offset(self)
+    }
+
+    fn timestamp(&self) -> Option<i64> {
+        Message::timestamp(self).to_millis()
+    }
+
+    fn key(&self) -> Option<&[u8]> {
+        Message::key(self)
+    }
+
+    fn value(&self) -> Option<&[u8]> {
+        self.payload()
+    }
+
+    fn for_each_header(&self, f: &mut HeaderSink<'_>) {
+        if let Some(headers) = self.headers() {
+            for header in headers.iter() {
+                f(header.key.as_bytes(), header.value);
+            }
+        }
+    }
+}
+
 /// Fills batches of one partition; reused across batches to keep its capacity.
 #[derive(Debug)]
 pub struct BatchBuilder {
@@ -140,12 +179,7 @@ pub struct BatchBuilder {
 
 impl BatchBuilder {
     pub fn new(partition: Partition) -> Self {
-        BatchBuilder {
-            partition,
-            records: Vec::new(),
-            headers: Vec::new(),
-            bytes: Vec::new(),
-        }
+        BatchBuilder { partition, records: Vec::new(), headers: Vec::new(), bytes: Vec::new() }
     }
 
     pub fn partition(&self) -> &Partition {
@@ -163,34 +197,23 @@ impl BatchBuilder {
     fn push_bytes(&mut self, data: &[u8]) -> Span {
         let start = self.bytes.len() as u32;
         self.bytes.extend_from_slice(data);
-        Span {
-            start,
-            len: data.len() as u32,
-        }
+        Span { start, len: data.len() as u32 }
     }
 
     /// Copies one fetched message of this builder's partition into the batch.
-    pub fn push<M: Message>(&mut self, message: &M) {
-        debug_assert_eq!(message.partition(), self.partition.partition);
-        debug_assert!(
-            self.records
-                .last()
-                .is_none_or(|r| r.offset < message.offset()),
-            "offsets only grow"
-        );
+    pub fn push(&mut self, message: &impl Fetched) {
+        debug_assert!(self.records.last().is_none_or(|r| r.offset < message.offset()), "offsets only grow");
         let key = message.key().map(|k| self.push_bytes(k));
-        let value = message.payload().map(|v| self.push_bytes(v));
+        let value = message.value().map(|v| self.push_bytes(v));
         let header_start = self.headers.len() as u32;
-        if let Some(headers) = message.headers() {
-            for header in headers.iter() {
-                let name = self.push_bytes(header.key.as_bytes());
-                let value = header.value.map(|v| self.push_bytes(v));
-                self.headers.push(Header { name, value });
-            }
-        }
+        message.for_each_header(&mut |name, value| {
+            let name = self.push_bytes(name);
+            let value = value.map(|v| self.push_bytes(v));
+            self.headers.push(Header { name, value });
+        });
         self.records.push(Record {
             offset: message.offset(),
-            timestamp: message.timestamp().to_millis(),
+            timestamp: message.timestamp(),
             key,
             value,
             headers: header_start..self.headers.len() as u32,
@@ -238,24 +261,16 @@ mod tests {
     }
 
     fn builder() -> BatchBuilder {
-        BatchBuilder::new(Partition {
-            topic: Arc::from("t"),
-            partition: 3,
-        })
+        BatchBuilder::new(Partition { topic: Arc::from("t"), partition: 3 })
     }
 
     #[test]
     fn round_trips_fields() {
         let mut builder = builder();
-        let headers = OwnedHeaders::new()
-            .insert(KafkaHeader {
-                key: "h1",
-                value: Some("v1"),
-            })
-            .insert(KafkaHeader::<&[u8]> {
-                key: "h2",
-                value: None,
-            });
+        let headers =
+            OwnedHeaders::new()
+                .insert(KafkaHeader { key: "h1", value: Some("v1") })
+                .insert(KafkaHeader::<&[u8]> { key: "h2", value: None });
         builder.push(&message(4, b"four", None));
         builder.push(&message(5, b"five", Some(headers)));
         builder.push(&message(9, b"", None)); // a gap: 6..=8 compacted away
@@ -273,10 +288,7 @@ mod tests {
         assert_eq!(first.headers().len(), 0);
 
         let headers: Vec<_> = batch.get(1).headers().collect();
-        assert_eq!(
-            headers,
-            vec![(&b"h1"[..], Some(&b"v1"[..])), (&b"h2"[..], None)]
-        );
+        assert_eq!(headers, vec![(&b"h1"[..], Some(&b"v1"[..])), (&b"h2"[..], None)]);
         assert_eq!(batch.get(2).value, Some(&b""[..]));
     }
 
@@ -290,10 +302,7 @@ mod tests {
         assert!(builder.is_empty());
         builder.push(&message(3, b"c", None));
         let second = builder.take();
-        assert_eq!(
-            (first.len(), second.len(), second.first_offset()),
-            (1, 1, 3)
-        );
+        assert_eq!((first.len(), second.len(), second.first_offset()), (1, 1, 3));
     }
 
     #[test]

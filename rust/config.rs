@@ -12,14 +12,8 @@ use crate::errors::{Error, Result};
 const OWNED_PROPERTIES: [(&str, &str); 4] = [
     ("bootstrap.servers", "pass it as App(bootstrap=...)"),
     ("group.id", "pass it as App(group=...)"),
-    (
-        "enable.auto.offset.store",
-        "offsets are stored only once every plugin has finished",
-    ),
-    (
-        "enable.auto.commit",
-        "fastconsume commits stored offsets itself",
-    ),
+    ("enable.auto.offset.store", "offsets are stored only once every plugin has finished"),
+    ("enable.auto.commit", "fastconsume commits stored offsets itself"),
 ];
 
 /// Defaults that differ from librdkafka's, each overridable through `kafka=`.
@@ -47,9 +41,7 @@ impl SourceConfig {
     /// Checks the settings and librdkafka's view of every property, without connecting.
     pub fn validate(&self) -> Result<()> {
         if self.bootstrap.trim().is_empty() {
-            return Err(Error::Config(
-                "bootstrap must name at least one broker".into(),
-            ));
+            return Err(Error::Config("bootstrap must name at least one broker".into()));
         }
         if self.group.trim().is_empty() {
             return Err(Error::Config("group must not be empty".into()));
@@ -58,21 +50,14 @@ impl SourceConfig {
             return Err(Error::Config("topics must name at least one topic".into()));
         }
         if let Some(topic) = self.topics.iter().find(|t| t.trim().is_empty()) {
-            return Err(Error::Config(format!(
-                "topic names must not be empty, got {topic:?}"
-            )));
+            return Err(Error::Config(format!("topic names must not be empty, got {topic:?}")));
         }
         for (name, _) in &self.kafka {
             if let Some((_, why)) = OWNED_PROPERTIES.iter().find(|(owned, _)| owned == name) {
-                return Err(Error::Property {
-                    name: name.clone(),
-                    reason: format!("set by fastconsume: {why}"),
-                });
+                return Err(Error::Property { name: name.clone(), reason: format!("set by fastconsume: {why}") });
             }
         }
-        self.client_config()
-            .create_native_config()
-            .map_err(|e| Error::kafka("configuration", e))?;
+        self.client_config().create_native_config().map_err(|e| Error::kafka("configuration", e))?;
         Ok(())
     }
 
@@ -127,11 +112,8 @@ mod tests {
     #[test]
     fn owned_property_is_rejected() {
         let mut c = config();
-        c.kafka
-            .push(("enable.auto.offset.store".into(), "true".into()));
-        assert!(
-            matches!(c.validate(), Err(Error::Property { name, .. }) if name == "enable.auto.offset.store")
-        );
+        c.kafka.push(("enable.auto.offset.store".into(), "true".into()));
+        assert!(matches!(c.validate(), Err(Error::Property { name, .. }) if name == "enable.auto.offset.store"));
     }
 
     #[test]

@@ -45,9 +45,7 @@ impl RunOptions {
         for lane in &self.lanes {
             let name = &lane.name;
             if lane.batch_size == 0 || lane.concurrency == 0 {
-                return Err(Error::Config(format!(
-                    "plugin {name:?}: batch_size and concurrency must be at least 1"
-                )));
+                return Err(Error::Config(format!("plugin {name:?}: batch_size and concurrency must be at least 1")));
             }
             if lane.max_queued < lane.batch_size {
                 return Err(Error::Config(format!(
@@ -91,45 +89,28 @@ pub struct Engine<E> {
 
 impl<E> Default for Engine<E> {
     fn default() -> Self {
-        Engine {
-            stop: Arc::default(),
-            current: Mutex::default(),
-        }
+        Engine { stop: Arc::default(), current: Mutex::default() }
     }
 }
 
 impl<E: Send + 'static> Engine<E> {
     pub fn stop(&self) {
         self.stop.store(true, Ordering::Release);
-        if let Some(pool) = self
-            .current
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .as_ref()
-        {
+        if let Some(pool) = self.current.lock().unwrap_or_else(PoisonError::into_inner).as_ref() {
             pool.request_stop();
         }
     }
 
     /// The current (or last) run's counters.
     pub fn snapshot(&self) -> Option<Snapshot> {
-        self.current
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .as_ref()
-            .map(|pool| pool.snapshot())
+        self.current.lock().unwrap_or_else(PoisonError::into_inner).as_ref().map(|pool| pool.snapshot())
     }
 
     /// Consumes until `stop()`, a plugin failure, or (with `idle_timeout`) until nothing new
     /// arrived for that long and every plugin is done. `worker` is each worker thread's whole
     /// life: it takes tasks with `Pool::next_task` until `None` and reports each with
     /// `Pool::complete`.
-    pub fn run<W>(
-        &self,
-        config: &SourceConfig,
-        options: &RunOptions,
-        worker: W,
-    ) -> Result<(), RunError<E>>
+    pub fn run<W>(&self, config: &SourceConfig, options: &RunOptions, worker: W) -> Result<(), RunError<E>>
     where
         W: Fn(&Pool<E>) + Send + Sync + 'static,
     {
@@ -169,10 +150,7 @@ impl<E: Send + 'static> Engine<E> {
         let consumer = source.join();
         let (finished, late_failure) = pool.drain(options.shutdown_timeout);
         if !finished {
-            log::warn!(
-                "shutdown: plugin calls still running after {:?}; leaving them",
-                options.shutdown_timeout
-            );
+            log::warn!("shutdown: plugin calls still running after {:?}; leaving them", options.shutdown_timeout);
         }
         source::commit_sync(&consumer, "final commit");
         drop(consumer); // closes: the revoke callback runs and the group is left
@@ -187,18 +165,12 @@ impl<E: Send + 'static> Engine<E> {
         match ending {
             Ending::Failed(error) => Err(RunError::Plugin(error)),
             Ending::SourceFailed(error) => Err(RunError::Core(error)),
-            Ending::Stopped | Ending::Drained => {
-                late_failure.map_or(Ok(()), |e| Err(RunError::Plugin(e)))
-            }
+            Ending::Stopped | Ending::Drained => late_failure.map_or(Ok(()), |e| Err(RunError::Plugin(e))),
         }
     }
 }
 
-fn spawn_workers<E, W>(
-    pool: &Arc<Pool<E>>,
-    count: usize,
-    worker: W,
-) -> Result<Vec<JoinHandle<()>>, Error>
+fn spawn_workers<E, W>(pool: &Arc<Pool<E>>, count: usize, worker: W) -> Result<Vec<JoinHandle<()>>, Error>
 where
     E: Send + 'static,
     W: Fn(&Pool<E>) + Send + Sync + 'static,
@@ -229,36 +201,21 @@ mod tests {
 
     /// A worker that records what it is given; it fails the first call holding `fail_at`
     /// and sleeps `slow` per call on lane 0.
-    fn recorder(
-        seen: Seen,
-        fail_at: Option<i64>,
-        slow: Duration,
-    ) -> impl Fn(&Pool<i64>) + Send + Sync + 'static {
+    fn recorder(seen: Seen, fail_at: Option<i64>, slow: Duration) -> impl Fn(&Pool<i64>) + Send + Sync + 'static {
         let failed = Arc::new(AtomicBool::new(false));
         move |pool: &Pool<i64>| {
             while let Some(task) = pool.next_task() {
                 let started = Instant::now();
                 let batch = &task.chunk.batch;
-                let offsets: Vec<i64> = task
-                    .chunk
-                    .range
-                    .clone()
-                    .map(|i| batch.get(i).offset)
-                    .collect();
+                let offsets: Vec<i64> = task.chunk.range.clone().map(|i| batch.get(i).offset).collect();
                 if task.lane == 0 {
                     std::thread::sleep(slow);
                 }
                 let outcome = match fail_at {
-                    Some(bad) if offsets.contains(&bad) && !failed.swap(true, Ordering::AcqRel) => {
-                        Err(bad)
-                    }
+                    Some(bad) if offsets.contains(&bad) && !failed.swap(true, Ordering::AcqRel) => Err(bad),
                     _ => {
                         let key = (task.lane, batch.partition().partition);
-                        seen.lock()
-                            .expect("seen")
-                            .entry(key)
-                            .or_default()
-                            .extend(offsets);
+                        seen.lock().expect("seen").entry(key).or_default().extend(offsets);
                         Ok(())
                     }
                 };
@@ -272,11 +229,7 @@ mod tests {
         cluster.create_topic("t", partitions).expect("topic");
         for p in 0..partitions {
             let values = vec![b"v".to_vec(); per_partition];
-            let records = values.iter().map(|v| Record {
-                key: None,
-                value: v,
-                partition: Some(p),
-            });
+            let records = values.iter().map(|v| Record { key: None, value: v, partition: Some(p) });
             seed::produce(&cluster.bootstrap(), "t", records).expect("produce");
         }
         let config = SourceConfig {
@@ -301,13 +254,7 @@ mod tests {
     }
 
     fn lane(name: &str, batch_size: usize, concurrency: usize) -> LaneOptions {
-        LaneOptions {
-            name: name.into(),
-            batch_size,
-            concurrency,
-            max_queued: 10_000,
-            max_queued_bytes: usize::MAX,
-        }
+        LaneOptions { name: name.into(), batch_size, concurrency, max_queued: 10_000, max_queued_bytes: usize::MAX }
     }
 
     fn drain(lanes: Vec<LaneOptions>) -> RunOptions {
@@ -327,21 +274,11 @@ mod tests {
         let engine = Engine::default();
         let seen = Seen::default();
         let options = drain(vec![lane("a", 64, 2), lane("b", 7, 1)]);
-        engine
-            .run(
-                &config,
-                &options,
-                recorder(seen.clone(), None, Duration::ZERO),
-            )
-            .expect("run");
+        engine.run(&config, &options, recorder(seen.clone(), None, Duration::ZERO)).expect("run");
         let seen = seen.lock().expect("seen").clone();
         for lane in 0..2 {
             for p in 0..3 {
-                assert_all_in_order(
-                    &seen[&(lane, p)],
-                    400,
-                    &format!("lane {lane} partition {p}"),
-                );
+                assert_all_in_order(&seen[&(lane, p)], 400, &format!("lane {lane} partition {p}"));
             }
         }
         let snapshot = engine.snapshot().expect("stats");
@@ -349,17 +286,8 @@ mod tests {
         assert!(snapshot.lanes[1].1.batches >= 400 * 3 / 7);
 
         let again = Seen::default();
-        engine
-            .run(
-                &config,
-                &options,
-                recorder(again.clone(), None, Duration::ZERO),
-            )
-            .expect("second run");
-        assert!(
-            again.lock().expect("seen").is_empty(),
-            "everything was committed"
-        );
+        engine.run(&config, &options, recorder(again.clone(), None, Duration::ZERO)).expect("second run");
+        assert!(again.lock().expect("seen").is_empty(), "everything was committed");
     }
 
     #[test]
@@ -370,21 +298,11 @@ mod tests {
         let mut slow = lane("slow", 50, 1);
         slow.max_queued = 200;
         let options = drain(vec![slow, lane("fast", 50, 1)]);
-        engine
-            .run(
-                &config,
-                &options,
-                recorder(seen.clone(), None, Duration::from_millis(5)),
-            )
-            .expect("run");
+        engine.run(&config, &options, recorder(seen.clone(), None, Duration::from_millis(5))).expect("run");
         let seen = seen.lock().expect("seen").clone();
         for lane in 0..2 {
             for p in 0..2 {
-                assert_all_in_order(
-                    &seen[&(lane, p)],
-                    500,
-                    &format!("lane {lane} partition {p}"),
-                );
+                assert_all_in_order(&seen[&(lane, p)], 500, &format!("lane {lane} partition {p}"));
             }
         }
         let peak = engine.snapshot().expect("stats").lanes[0].1.queued_peak;
@@ -397,30 +315,15 @@ mod tests {
         let engine = Engine::default();
         let seen = Seen::default();
         let options = drain(vec![lane("a", 50, 1)]);
-        match engine.run(
-            &config,
-            &options,
-            recorder(seen.clone(), Some(150), Duration::ZERO),
-        ) {
+        match engine.run(&config, &options, recorder(seen.clone(), Some(150), Duration::ZERO)) {
             Err(RunError::Plugin(150)) => {}
             other => panic!("expected the plugin's error, got {other:?}"),
         }
         let done = seen.lock().expect("seen").get(&(0, 0)).map_or(0, Vec::len) as i64;
         let again = Seen::default();
-        engine
-            .run(
-                &config,
-                &options,
-                recorder(again.clone(), None, Duration::ZERO),
-            )
-            .expect("rerun");
+        engine.run(&config, &options, recorder(again.clone(), None, Duration::ZERO)).expect("rerun");
         let redelivered = again.lock().expect("seen")[&(0, 0)].clone();
-        assert!(
-            redelivered
-                .first()
-                .is_some_and(|&first| first <= 150 && first <= done),
-            "{redelivered:?}"
-        );
+        assert!(redelivered.first().is_some_and(|&first| first <= 150 && first <= done), "{redelivered:?}");
         assert_eq!(redelivered.last(), Some(&299));
     }
 
@@ -429,14 +332,9 @@ mod tests {
         let (_cluster, config) = cluster_with(1, 10);
         let engine = Engine::default();
         engine.stop();
-        let options = RunOptions {
-            idle_timeout: None,
-            ..drain(vec![lane("a", 10, 1)])
-        };
+        let options = RunOptions { idle_timeout: None, ..drain(vec![lane("a", 10, 1)]) };
         let seen = Seen::default();
-        engine
-            .run(&config, &options, recorder(seen, None, Duration::ZERO))
-            .expect("run");
+        engine.run(&config, &options, recorder(seen, None, Duration::ZERO)).expect("run");
     }
 
     #[test]
@@ -449,12 +347,8 @@ mod tests {
             connect_timeout: Duration::from_millis(500),
         };
         let started = Instant::now();
-        let outcome =
-            Engine::default().run(&config, &drain(vec![lane("a", 10, 1)]), |_: &Pool<i64>| {});
-        assert!(
-            matches!(outcome, Err(RunError::Core(Error::Connect { .. }))),
-            "{outcome:?}"
-        );
+        let outcome = Engine::default().run(&config, &drain(vec![lane("a", 10, 1)]), |_: &Pool<i64>| {});
+        assert!(matches!(outcome, Err(RunError::Core(Error::Connect { .. }))), "{outcome:?}");
         assert!(started.elapsed() < Duration::from_secs(10));
     }
 

@@ -13,22 +13,11 @@ pub enum Error {
     /// librdkafka rejected a property: `(property, librdkafka's reason)`.
     Property { name: String, reason: String },
     /// The brokers could not be reached within the connect timeout.
-    Connect {
-        bootstrap: String,
-        waited_ms: u64,
-        last_error: Option<String>,
-    },
+    Connect { bootstrap: String, waited_ms: u64, last_error: Option<String> },
     /// Produced messages were not acknowledged.
-    Delivery {
-        topic: String,
-        failed: u64,
-        sent: u64,
-    },
+    Delivery { topic: String, failed: u64, sent: u64 },
     /// Kafka failed in a way that stops the consumer.
-    Kafka {
-        context: &'static str,
-        source: KafkaError,
-    },
+    Kafka { context: &'static str, source: KafkaError },
 }
 
 pub type Result<T> = std::result::Result<T, Error>;
@@ -47,29 +36,15 @@ impl fmt::Display for Error {
         match self {
             Error::Config(message) => f.write_str(message),
             Error::Property { name, reason } => write!(f, "librdkafka property {name:?}: {reason}"),
-            Error::Connect {
-                bootstrap,
-                waited_ms,
-                last_error,
-            } => {
-                write!(
-                    f,
-                    "could not reach Kafka at {bootstrap} within {waited_ms} ms"
-                )?;
+            Error::Connect { bootstrap, waited_ms, last_error } => {
+                write!(f, "could not reach Kafka at {bootstrap} within {waited_ms} ms")?;
                 if let Some(last) = last_error {
                     write!(f, " (last error: {last})")?;
                 }
                 Ok(())
             }
-            Error::Delivery {
-                topic,
-                failed,
-                sent,
-            } => {
-                write!(
-                    f,
-                    "{failed} of {sent} messages to {topic:?} were not delivered"
-                )
+            Error::Delivery { topic, failed, sent } => {
+                write!(f, "{failed} of {sent} messages to {topic:?} were not delivered")
             }
             Error::Kafka { context, source } => write!(f, "{context}: {source}"),
         }

@@ -102,20 +102,12 @@ impl Lane {
 
     /// Queues `batch` in slices of the lane's batch size.
     pub fn push(&mut self, batch: &Arc<Batch>, id: BatchId) {
-        let queue = self
-            .partitions
-            .entry(batch.partition().clone())
-            .or_default();
+        let queue = self.partitions.entry(batch.partition().clone()).or_default();
         let was_idle = queue.chunks.is_empty() && !queue.busy;
         let mut start = 0;
         while start < batch.len() {
             let end = (start + self.options.batch_size).min(batch.len());
-            queue.chunks.push_back(Chunk {
-                batch: batch.clone(),
-                id,
-                range: start..end,
-                last: end == batch.len(),
-            });
+            queue.chunks.push_back(Chunk { batch: batch.clone(), id, range: start..end, last: end == batch.len() });
             start = end;
         }
         if was_idle {
@@ -193,10 +185,7 @@ impl Lane {
 
     /// Calls running on any of `partitions`.
     pub fn running_on(&self, partitions: &[Partition]) -> usize {
-        partitions
-            .iter()
-            .filter(|p| self.partitions.get(*p).is_some_and(|q| q.busy))
-            .count()
+        partitions.iter().filter(|p| self.partitions.get(*p).is_some_and(|q| q.busy)).count()
     }
 
     pub fn running(&self) -> usize {
@@ -217,10 +206,7 @@ mod tests {
     use crate::offsets::OffsetTracker;
 
     fn batch(partition: i32, first: i64, count: i64) -> Arc<Batch> {
-        let mut builder = BatchBuilder::new(Partition {
-            topic: Arc::from("t"),
-            partition,
-        });
+        let mut builder = BatchBuilder::new(Partition { topic: Arc::from("t"), partition });
         for offset in first..first + count {
             let m = OwnedMessage::new(
                 Some(vec![0; 10]),
@@ -237,20 +223,12 @@ mod tests {
     }
 
     fn lane(batch_size: usize, concurrency: usize, max_queued: usize) -> Lane {
-        Lane::new(LaneOptions {
-            name: "l".into(),
-            batch_size,
-            concurrency,
-            max_queued,
-            max_queued_bytes: usize::MAX,
-        })
+        Lane::new(LaneOptions { name: "l".into(), batch_size, concurrency, max_queued, max_queued_bytes: usize::MAX })
     }
 
     fn id(tracker: &mut OffsetTracker, b: &Batch) -> BatchId {
         tracker.assign([b.partition().clone()]);
-        tracker
-            .track(b.partition(), b.last_offset(), 1)
-            .expect("assigned")
+        tracker.track(b.partition(), b.last_offset(), 1).expect("assigned")
     }
 
     #[test]

@@ -7,6 +7,7 @@ pub mod batch;
 pub mod config;
 pub mod engine;
 pub mod errors;
+pub mod fetch;
 pub mod lane;
 pub mod mock;
 pub mod offsets;

@@ -18,8 +18,7 @@ unsafe impl Sync for MockKafka {}
 
 impl MockKafka {
     pub fn new(brokers: i32) -> Result<Self> {
-        let cluster =
-            MockCluster::new(brokers).map_err(|e| Error::kafka("start mock cluster", e))?;
+        let cluster = MockCluster::new(brokers).map_err(|e| Error::kafka("start mock cluster", e))?;
         Ok(MockKafka { cluster })
     }
 
@@ -30,12 +29,8 @@ impl MockKafka {
 
     pub fn create_topic(&self, topic: &str, partitions: i32) -> Result<()> {
         if partitions < 1 {
-            return Err(Error::Config(format!(
-                "a topic needs at least one partition, got {partitions}"
-            )));
+            return Err(Error::Config(format!("a topic needs at least one partition, got {partitions}")));
         }
-        self.cluster
-            .create_topic(topic, partitions, 1)
-            .map_err(|e| Error::kafka("create mock topic", e))
+        self.cluster.create_topic(topic, partitions, 1).map_err(|e| Error::kafka("create mock topic", e))
     }
 }

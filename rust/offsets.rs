@@ -50,17 +50,10 @@ impl OffsetTracker {
     /// Returns `None` if the partition is not assigned (it was revoked meanwhile).
     pub fn track(&mut self, partition: &Partition, last: i64, lanes: u32) -> Option<BatchId> {
         let pending = self.partitions.get_mut(partition)?;
-        debug_assert!(
-            pending.back().is_none_or(|p| p.last < last),
-            "fetch order is offset order"
-        );
+        debug_assert!(pending.back().is_none_or(|p| p.last < last), "fetch order is offset order");
         let id = BatchId(self.next_id);
         self.next_id += 1;
-        pending.push_back(Pending {
-            batch: id,
-            last,
-            remaining: lanes,
-        });
+        pending.push_back(Pending { batch: id, last, remaining: lanes });
         Some(id)
     }
 
@@ -95,10 +88,7 @@ mod tests {
     use super::*;
 
     fn p(partition: i32) -> Partition {
-        Partition {
-            topic: Arc::from("t"),
-            partition,
-        }
+        Partition { topic: Arc::from("t"), partition }
     }
 
     #[test]

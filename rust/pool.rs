@@ -123,10 +123,7 @@ impl<E: Send> Pool<E> {
     }
 
     fn consumer(&self) -> Option<Arc<KafkaConsumer>> {
-        self.consumer
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .upgrade()
+        self.consumer.lock().unwrap_or_else(PoisonError::into_inner).upgrade()
     }
 
     pub fn stop_requested(&self) -> bool {
@@ -157,10 +154,7 @@ impl<E: Send> Pool<E> {
                     return Some(Task { lane: index, chunk });
                 }
             }
-            state = self
-                .work
-                .wait(state)
-                .unwrap_or_else(PoisonError::into_inner);
+            state = self.work.wait(state).unwrap_or_else(PoisonError::into_inner);
         }
     }
 
@@ -204,26 +198,14 @@ impl<E: Send> Pool<E> {
             return;
         };
         let mut tpl = TopicPartitionList::with_capacity(1);
-        if let Err(e) = tpl.add_partition_offset(
-            &partition.topic,
-            partition.partition,
-            Offset::Offset(offset),
-        ) {
-            log::warn!(
-                "store offset {offset} for {}[{}]: {e}",
-                partition.topic,
-                partition.partition
-            );
+        if let Err(e) = tpl.add_partition_offset(&partition.topic, partition.partition, Offset::Offset(offset)) {
+            log::warn!("store offset {offset} for {}[{}]: {e}", partition.topic, partition.partition);
             return;
         }
         match consumer.store_offsets(&tpl) {
             // A partition lost meanwhile belongs to its next owner now.
             Ok(()) | Err(KafkaError::StoreOffset(RDKafkaErrorCode::State)) => {}
-            Err(e) => log::warn!(
-                "store offset {offset} for {}[{}]: {e}",
-                partition.topic,
-                partition.partition
-            ),
+            Err(e) => log::warn!("store offset {offset} for {}[{}]: {e}", partition.topic, partition.partition),
         }
     }
 
@@ -245,10 +227,7 @@ impl<E: Send> Pool<E> {
             if state.source_idle && state.lanes.iter().all(Lane::is_empty) {
                 return Ending::Drained;
             }
-            state = self
-                .progress
-                .wait(state)
-                .unwrap_or_else(PoisonError::into_inner);
+            state = self.progress.wait(state).unwrap_or_else(PoisonError::into_inner);
         }
     }
 
@@ -266,11 +245,7 @@ impl<E: Send> Pool<E> {
             if left.is_zero() {
                 return (false, state.failure.take());
             }
-            state = self
-                .progress
-                .wait_timeout(state, left)
-                .unwrap_or_else(PoisonError::into_inner)
-                .0;
+            state = self.progress.wait_timeout(state, left).unwrap_or_else(PoisonError::into_inner).0;
         }
         (true, state.failure.take())
     }
@@ -288,26 +263,18 @@ impl<E: Send> Pool<E> {
             .tracker
             .assigned()
             .map(|partition| {
-                let lookup = |list: &[(Partition, i64)]| {
-                    list.iter().find(|(p, _)| p == partition).map(|(_, o)| *o)
-                };
+                let lookup = |list: &[(Partition, i64)]| list.iter().find(|(p, _)| p == partition).map(|(_, o)| *o);
                 PartitionSnapshot {
                     partition: partition.clone(),
                     position: lookup(&state.positions),
                     committed: lookup(&state.committed),
-                    high_watermark: consumer
-                        .as_ref()
-                        .and_then(|c| crate::source::cached_high_watermark(c, partition)),
+                    high_watermark: consumer.as_ref().and_then(|c| crate::source::cached_high_watermark(c, partition)),
                 }
             })
             .collect();
         partitions.sort_by(|a, b| a.partition.cmp(&b.partition));
         Snapshot {
-            lanes: state
-                .lanes
-                .iter()
-                .map(|l| (l.options.name.clone(), l.stats.clone(), l.options.clone()))
-                .collect(),
+            lanes: state.lanes.iter().map(|l| (l.options.name.clone(), l.stats.clone(), l.options.clone())).collect(),
             partitions,
             admitted: state.admitted,
         }
@@ -339,21 +306,14 @@ impl<E: Send> Intake for Pool<E> {
             return Err(batch);
         }
         let lanes = state.lanes.len() as u32;
-        let Some(id) = state
-            .tracker
-            .track(batch.partition(), batch.last_offset(), lanes)
-        else {
+        let Some(id) = state.tracker.track(batch.partition(), batch.last_offset(), lanes) else {
             return Ok(());
         };
         for lane in &mut state.lanes {
             lane.push(&batch, id);
         }
         state.admitted += batch.len() as u64;
-        set_offset(
-            &mut state.positions,
-            batch.partition(),
-            batch.last_offset() + 1,
-        );
+        set_offset(&mut state.positions, batch.partition(), batch.last_offset() + 1);
         drop(state);
         self.work.notify_all();
         Ok(())
@@ -374,11 +334,7 @@ impl<E: Send> Intake for Pool<E> {
                 log::warn!("revoke: calls still running after {timeout:?}; their results will not be stored");
                 break;
             }
-            state = self
-                .progress
-                .wait_timeout(state, left)
-                .unwrap_or_else(PoisonError::into_inner)
-                .0;
+            state = self.progress.wait_timeout(state, left).unwrap_or_else(PoisonError::into_inner).0;
         }
         state.tracker.revoke(partitions);
         state.positions.retain(|(p, _)| !partitions.contains(p));
@@ -401,10 +357,7 @@ impl<E: Send> Intake for Pool<E> {
         let mut state = self.lock();
         for element in offsets.elements() {
             if let (Ok(()), Offset::Offset(offset)) = (element.error(), element.offset()) {
-                let partition = Partition {
-                    topic: Arc::from(element.topic()),
-                    partition: element.partition(),
-                };
+                let partition = Partition { topic: Arc::from(element.topic()), partition: element.partition() };
                 set_offset(&mut state.committed, &partition, offset);
             }
         }

@@ -37,11 +37,7 @@ pub struct Record<'a> {
 
 /// Produces records to `topic` and waits until every one is acknowledged. Returns how many
 /// were written.
-pub fn produce<'a>(
-    bootstrap: &str,
-    topic: &str,
-    records: impl IntoIterator<Item = Record<'a>>,
-) -> Result<u64> {
+pub fn produce<'a>(bootstrap: &str, topic: &str, records: impl IntoIterator<Item = Record<'a>>) -> Result<u64> {
     let producer: BaseProducer<DeliveryCount> = ClientConfig::new()
         .set("bootstrap.servers", bootstrap)
         .set("linger.ms", "5")
@@ -69,16 +65,10 @@ pub fn produce<'a>(
         }
         sent += 1;
     }
-    producer
-        .flush(Duration::from_secs(60))
-        .map_err(|e| Error::kafka("flush producer", e))?;
+    producer.flush(Duration::from_secs(60)).map_err(|e| Error::kafka("flush producer", e))?;
     let failed = producer.context().failed.load(Ordering::Relaxed);
     if failed > 0 {
-        return Err(Error::Delivery {
-            topic: topic.to_string(),
-            failed,
-            sent,
-        });
+        return Err(Error::Delivery { topic: topic.to_string(), failed, sent });
     }
     Ok(sent)
 }

@@ -16,13 +16,14 @@ use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
 use rdkafka::error::{KafkaError, KafkaResult, RDKafkaErrorCode};
-use rdkafka::message::{BorrowedMessage, Message};
+use rdkafka::message::Message;
 use rdkafka::topic_partition_list::TopicPartitionList;
 use rdkafka::ClientContext;
 
-use crate::batch::{Batch, BatchBuilder, Partition};
+use crate::batch::{Batch, BatchBuilder, Fetched, Partition};
 use crate::config::SourceConfig;
 use crate::errors::{Error, Result};
+use crate::fetch::{FetchQueue, RawMessage};
 
 /// How long the poll loop may block before it looks at the stop flag and at held batches.
 /// librdkafka's wrapper cannot be woken from outside, so this bounds the stop and resume
@@ -68,16 +69,13 @@ pub struct SourceContext {
     revoked: Mutex<Vec<Partition>>,
     assigned_at: Mutex<Option<Instant>>,
     last_error: Mutex<Option<String>>,
+    /// Where assigned partitions' messages go; owned by the poll loop, which clears this
+    /// when it ends so the queue is gone before the consumer is.
+    fetch: Mutex<Option<Arc<FetchQueue>>>,
 }
 
 fn partitions(tpl: &TopicPartitionList) -> Vec<Partition> {
-    tpl.elements()
-        .iter()
-        .map(|e| Partition {
-            topic: Arc::from(e.topic()),
-            partition: e.partition(),
-        })
-        .collect()
+    tpl.elements().iter().map(|e| Partition { topic: Arc::from(e.topic()), partition: e.partition() }).collect()
 }
 
 impl ClientContext for SourceContext {
@@ -101,11 +99,14 @@ impl ConsumerContext for SourceContext {
         }
     }
 
-    fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+    fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         match rebalance {
             Rebalance::Assign(tpl) => {
                 let assigned = partitions(tpl);
                 log::info!("assigned {} partition(s)", assigned.len());
+                if let Some(fetch) = lock(&self.fetch).as_ref() {
+                    fetch.forward(consumer, &assigned);
+                }
                 self.intake.assign(assigned);
                 *lock(&self.assigned_at) = Some(Instant::now());
             }
@@ -148,8 +149,7 @@ pub fn cached_high_watermark(consumer: &KafkaConsumer, partition: &Partition) ->
             &raw mut high,
         )
     };
-    (err == rdkafka::bindings::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR && high >= 0)
-        .then_some(high)
+    (err == rdkafka::bindings::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR && high >= 0).then_some(high)
 }
 
 /// A running poll thread.
@@ -168,29 +168,30 @@ impl Source {
             revoked: Mutex::default(),
             assigned_at: Mutex::default(),
             last_error: Mutex::default(),
+            fetch: Mutex::default(),
         };
-        let consumer: KafkaConsumer = config
-            .client_config()
-            .create_with_context(context)
-            .map_err(|e| Error::kafka("create consumer", e))?;
+        let consumer: KafkaConsumer =
+            config.client_config().create_with_context(context).map_err(|e| Error::kafka("create consumer", e))?;
         let started = Instant::now();
         if let Err(e) = consumer.fetch_metadata(Some(&config.topics[0]), config.connect_timeout) {
             return Err(Error::Connect {
                 bootstrap: config.bootstrap.clone(),
                 waited_ms: started.elapsed().as_millis() as u64,
-                last_error: lock(&consumer.context().last_error)
-                    .clone()
-                    .or_else(|| Some(e.to_string())),
+                last_error: lock(&consumer.context().last_error).clone().or_else(|| Some(e.to_string())),
             });
         }
         let topics: Vec<&str> = config.topics.iter().map(String::as_str).collect();
-        consumer
-            .subscribe(&topics)
-            .map_err(|e| Error::kafka("subscribe", e))?;
+        consumer.subscribe(&topics).map_err(|e| Error::kafka("subscribe", e))?;
 
+        let fetch = Arc::new(
+            FetchQueue::new(&consumer).ok_or_else(|| Error::Config("librdkafka could not create a queue".into()))?,
+        );
+        *lock(&consumer.context().fetch) = Some(fetch.clone());
         let consumer = Arc::new(consumer);
         let poll = PollLoop {
             consumer: consumer.clone(),
+            fetch,
+            raw: Vec::new(),
             intake,
             shape,
             filling: Vec::new(),
@@ -219,10 +220,15 @@ impl Source {
 struct Filling {
     builder: BatchBuilder,
     deadline: Option<Instant>,
+    /// librdkafka's handle of the topic, for a lookup by pointer; 0 until seen.
+    topic_handle: usize,
 }
 
 struct PollLoop {
     consumer: Arc<KafkaConsumer>,
+    fetch: Arc<FetchQueue>,
+    /// Messages of the last bulk take, reused.
+    raw: Vec<RawMessage>,
     intake: Arc<dyn Intake>,
     shape: Shape,
     filling: Vec<Filling>,
@@ -240,6 +246,7 @@ impl PollLoop {
         if let Err(error) = self.fill() {
             self.intake.source_failed(error);
         }
+        lock(&self.consumer.context().fetch).take();
     }
 
     fn fill(&mut self) -> Result<()> {
@@ -254,17 +261,17 @@ impl PollLoop {
                 self.intake.source_idle();
                 return Ok(());
             }
-            // A local handle: messages borrow it, not `self`, which files them.
-            let consumer = self.consumer.clone();
-            let mut next = consumer.poll(self.wait(now));
-            // Drain what is already fetched without blocking, until some batch is full.
-            while let Some(result) = next {
-                if let Some(full) = self.take(result)? {
-                    self.seal(full);
-                    break;
-                }
-                next = consumer.poll(Duration::ZERO);
+            self.serve_events()?;
+            let wait = self.wait(now);
+            let mut raw = std::mem::take(&mut self.raw);
+            self.fetch.take(wait, self.shape.batch_size, &mut raw);
+            if !raw.is_empty() {
+                self.last_message_at = Instant::now();
             }
+            for message in raw.drain(..) {
+                self.take_raw(&message);
+            }
+            self.raw = raw;
             let now = Instant::now();
             for index in 0..self.filling.len() {
                 if self.filling[index].deadline.is_some_and(|d| d <= now) {
@@ -274,48 +281,72 @@ impl PollLoop {
         }
     }
 
-    /// Files one poll result; returns the index of a batch that became full.
-    fn take(&mut self, result: KafkaResult<BorrowedMessage<'_>>) -> Result<Option<usize>> {
-        let message = match result {
-            Ok(message) => message,
-            Err(KafkaError::PartitionEOF(_)) => return Ok(None),
-            Err(e @ KafkaError::MessageConsumptionFatal(_)) => {
-                return Err(Error::kafka("consume", e))
-            }
-            Err(e) => {
-                log::warn!("consume: {e}");
-                return Ok(None);
-            }
-        };
-        let index = self.filling_for(&message);
-        let filling = &mut self.filling[index];
-        if filling.builder.is_empty() {
-            filling.deadline = Some(Instant::now() + self.shape.linger);
+    /// Serves the consumer queue without blocking: rebalances, errors and commit results
+    /// (their callbacks run here), and any message fetched before its partition's queue was
+    /// forwarded.
+    fn serve_events(&mut self) -> Result<()> {
+        // A local handle: messages borrow it, not `self`, which files them.
+        let consumer = self.consumer.clone();
+        while let Some(result) = consumer.poll(Duration::ZERO) {
+            let message = match result {
+                Ok(message) => message,
+                Err(KafkaError::PartitionEOF(_)) => continue,
+                Err(e @ KafkaError::MessageConsumptionFatal(_)) => return Err(Error::kafka("consume", e)),
+                Err(e) => {
+                    log::warn!("consume: {e}");
+                    continue;
+                }
+            };
+            let index = self.filling_for(message.topic_ptr() as usize, message.partition(), || message.topic());
+            self.last_message_at = Instant::now();
+            self.push(index, &message);
         }
-        filling.builder.push(&message);
-        self.last_message_at = Instant::now();
-        Ok((filling.builder.len() >= self.shape.batch_size).then_some(index))
+        Ok(())
     }
 
-    fn filling_for(&mut self, message: &BorrowedMessage<'_>) -> usize {
-        let matches = |f: &Filling| {
-            f.builder.partition().partition == message.partition()
-                && &*f.builder.partition().topic == message.topic()
-        };
+    fn take_raw(&mut self, message: &RawMessage) {
+        if let Some(error) = message.error() {
+            log::warn!("consume: {}[{}]: {error}", message.topic(), message.partition());
+            return;
+        }
+        let index = self.filling_for(message.topic_handle() as usize, message.partition(), || message.topic());
+        self.push(index, message);
+    }
+
+    /// Files one message; seals its batch when full.
+    fn push(&mut self, index: usize, message: &impl Fetched) {
+        let filling = &mut self.filling[index];
+        if filling.builder.is_empty() {
+            filling.deadline = Some(self.last_message_at + self.shape.linger);
+        }
+        filling.builder.push(message);
+        if filling.builder.len() >= self.shape.batch_size {
+            self.seal(index);
+        }
+    }
+
+    /// The batch being filled for a partition. Consecutive messages usually share one, so
+    /// the lookup is usually a comparison; the topic's name is read only for a new one.
+    fn filling_for<'a>(&mut self, topic_handle: usize, partition: i32, topic: impl FnOnce() -> &'a str) -> usize {
+        let matches = |f: &Filling| f.topic_handle == topic_handle && f.builder.partition().partition == partition;
         if self.filling.get(self.last_filled).is_some_and(matches) {
             return self.last_filled;
         }
-        let index = self.filling.iter().position(matches).unwrap_or_else(|| {
-            let partition = Partition {
-                topic: Arc::from(message.topic()),
-                partition: message.partition(),
-            };
-            self.filling.push(Filling {
-                builder: BatchBuilder::new(partition),
-                deadline: None,
-            });
-            self.filling.len() - 1
-        });
+        let index = if let Some(index) = self.filling.iter().position(matches) {
+            index
+        } else {
+            let topic = topic();
+            let by_name =
+                |f: &Filling| f.builder.partition().partition == partition && &*f.builder.partition().topic == topic;
+            if let Some(index) = self.filling.iter().position(by_name) {
+                self.filling[index].topic_handle = topic_handle;
+                index
+            } else {
+                let partition = Partition { topic: Arc::from(topic), partition };
+                self.filling.push(Filling { builder: BatchBuilder::new(partition), deadline: None, topic_handle });
+                self.filling.len() - 1
+            }
+        };
         self.last_filled = index;
         index
     }
@@ -351,9 +382,7 @@ impl PollLoop {
     fn offer_held(&mut self) {
         let mut still_held = VecDeque::new();
         while let Some(batch) = self.held.pop_front() {
-            let blocked = still_held
-                .iter()
-                .any(|h: &Arc<Batch>| h.partition() == batch.partition());
+            let blocked = still_held.iter().any(|h: &Arc<Batch>| h.partition() == batch.partition());
             if blocked {
                 still_held.push_back(batch);
             } else if let Err(refused) = self.intake.submit(batch) {
@@ -361,9 +390,8 @@ impl PollLoop {
             }
         }
         self.held = still_held;
-        let (keep, resume): (Vec<_>, Vec<_>) = std::mem::take(&mut self.paused)
-            .into_iter()
-            .partition(|p| self.held.iter().any(|h| h.partition() == p));
+        let (keep, resume): (Vec<_>, Vec<_>) =
+            std::mem::take(&mut self.paused).into_iter().partition(|p| self.held.iter().any(|h| h.partition() == p));
         for partition in &resume {
             self.set_paused(partition, false);
         }
@@ -377,23 +405,17 @@ impl PollLoop {
     fn set_paused(&self, partition: &Partition, pause: bool) {
         let mut tpl = TopicPartitionList::with_capacity(1);
         tpl.add_partition(&partition.topic, partition.partition);
-        let result = if pause {
-            self.consumer.pause(&tpl)
-        } else {
-            self.consumer.resume(&tpl)
-        };
+        let result = if pause { self.consumer.pause(&tpl) } else { self.consumer.resume(&tpl) };
         match result {
-            Ok(()) => log::debug!(
-                "{} {}[{}]",
-                if pause { "paused" } else { "resumed" },
-                partition.topic,
-                partition.partition
-            ),
-            Err(e) => log::warn!(
-                "pause/resume {}[{}]: {e}",
-                partition.topic,
-                partition.partition
-            ),
+            Ok(()) => {
+                log::debug!(
+                    "{} {}[{}]",
+                    if pause { "paused" } else { "resumed" },
+                    partition.topic,
+                    partition.partition
+                );
+            }
+            Err(e) => log::warn!("pause/resume {}[{}]: {e}", partition.topic, partition.partition),
         }
     }
 
@@ -408,6 +430,7 @@ impl PollLoop {
             if revoked.contains(filling.builder.partition()) {
                 filling.builder.clear();
                 filling.deadline = None;
+                filling.topic_handle = 0; // the handle may not outlive the assignment
             }
         }
         self.held.retain(|b| !revoked.contains(b.partition()));
@@ -417,11 +440,7 @@ impl PollLoop {
     /// How long to block in `poll`: until the next linger deadline, at most `STOP_CHECK`
     /// (`HELD_RETRY` while batches are held), and no later than the idle deadline.
     fn wait(&self, now: Instant) -> Duration {
-        let mut wait = if self.held.is_empty() {
-            STOP_CHECK
-        } else {
-            HELD_RETRY
-        };
+        let mut wait = if self.held.is_empty() { STOP_CHECK } else { HELD_RETRY };
         for deadline in self.filling.iter().filter_map(|f| f.deadline) {
             wait = wait.min(deadline.saturating_duration_since(now));
         }

@@ -15,10 +15,7 @@ pub struct Histogram {
 
 impl Default for Histogram {
     fn default() -> Self {
-        Histogram {
-            counts: Box::new([0; BUCKETS]),
-            total: 0,
-        }
+        Histogram { counts: Box::new([0; BUCKETS]), total: 0 }
     }
 }
 
@@ -89,15 +86,9 @@ mod tests {
     fn every_value_is_at_most_its_buckets_upper_bound_and_above_the_previous() {
         for micros in (0..5_000u64).chain([65_535, 65_536, 1 << 20, (1 << 20) + 1, (1 << 41) - 1]) {
             let bucket = bucket_of(micros);
-            assert!(
-                micros <= upper_bound(bucket) || bucket == BUCKETS - 1,
-                "{micros} {bucket}"
-            );
+            assert!(micros <= upper_bound(bucket) || bucket == BUCKETS - 1, "{micros} {bucket}");
             if bucket > 0 && bucket < BUCKETS - 1 {
-                assert!(
-                    micros > upper_bound(bucket - 1),
-                    "{micros:#b} in bucket {bucket}"
-                );
+                assert!(micros > upper_bound(bucket - 1), "{micros:#b} in bucket {bucket}");
             }
         }
     }

@@ -35,10 +35,7 @@ pub struct PyMessage {
 #[pymethods]
 impl PyMessage {
     fn __repr__(&self, py: Python<'_>) -> String {
-        let size = self
-            .value
-            .as_ref()
-            .map_or(0, |v| v.bind(py).as_bytes().len());
+        let size = self.value.as_ref().map_or(0, |v| v.bind(py).as_bytes().len());
         format!(
             "Message(topic={:?}, partition={}, offset={}, value=<{size} bytes>)",
             self.topic.bind(py).to_string_lossy(),
@@ -56,10 +53,7 @@ struct BatchObjects {
 
 impl BatchObjects {
     fn new() -> Self {
-        BatchObjects {
-            values: PyOnceLock::new(),
-            messages: PyOnceLock::new(),
-        }
+        BatchObjects { values: PyOnceLock::new(), messages: PyOnceLock::new() }
     }
 }
 
@@ -89,10 +83,7 @@ fn messages<'a, 'py>(py: Python<'py>, batch: &'a Batch) -> PyResult<&'a Bound<'p
                 no_headers.clone_ref(py)
             } else {
                 let pairs = m.headers().map(|(name, value)| {
-                    (
-                        PyString::new(py, &String::from_utf8_lossy(name)),
-                        value.map(|v| PyBytes::new(py, v)),
-                    )
+                    (PyString::new(py, &String::from_utf8_lossy(name)), value.map(|v| PyBytes::new(py, v)))
                 });
                 PyTuple::new(py, pairs)?.unbind()
             };
@@ -126,12 +117,7 @@ pub struct PyBatch {
 impl PyBatch {
     pub fn new(batch: Arc<Batch>, range: Range<usize>, plugin: Py<PyString>) -> Self {
         debug_assert!(range.end <= batch.len());
-        PyBatch {
-            batch,
-            start: range.start,
-            end: range.end,
-            plugin,
-        }
+        PyBatch { batch, start: range.start, end: range.end, plugin }
     }
 }
 
@@ -159,9 +145,7 @@ impl PyBatch {
 
     /// The message values in order, without building `Message` objects.
     fn values<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
-        Ok(values(py, &self.batch)?
-            .get_slice(self.start, self.end)
-            .to_list())
+        Ok(values(py, &self.batch)?.get_slice(self.start, self.end).to_list())
     }
 
     /// The topic every message of the batch comes from.
@@ -177,10 +161,7 @@ impl PyBatch {
     }
 
     fn __repr__(&self, py: Python<'_>) -> String {
-        let (first, last) = (
-            self.batch.get(self.start).offset,
-            self.batch.get(self.end - 1).offset,
-        );
+        let (first, last) = (self.batch.get(self.start).offset, self.batch.get(self.end - 1).offset);
         format!(
             "Batch(plugin={:?}, topic={:?}, partition={}, offsets={first}..={last}, messages={})",
             self.plugin.bind(py).to_string_lossy(),

@@ -33,8 +33,7 @@ impl Drop for RunningGuard<'_> {
 }
 
 fn duration(py: Python<'_>, seconds: f64, what: &str) -> PyResult<Duration> {
-    Duration::try_from_secs_f64(seconds)
-        .map_err(|e| to_pyerr(py, &Error::Config(format!("{what}: {e}"))))
+    Duration::try_from_secs_f64(seconds).map_err(|e| to_pyerr(py, &Error::Config(format!("{what}: {e}"))))
 }
 
 #[pymethods]
@@ -57,11 +56,7 @@ impl PyConsumer {
             connect_timeout: duration(py, connect_timeout, "connect_timeout")?,
         };
         config.validate().map_err(|e| to_pyerr(py, &e))?;
-        Ok(PyConsumer {
-            config,
-            engine: Engine::default(),
-            running: AtomicBool::new(false),
-        })
+        Ok(PyConsumer { config, engine: Engine::default(), running: AtomicBool::new(false) })
     }
 
     /// Consumes until `stop()`, a plugin failure, or in drain mode until idle.
@@ -93,18 +88,13 @@ impl PyConsumer {
                 })
                 .collect(),
             linger: duration(py, linger, "linger")?,
-            idle_timeout: idle_timeout
-                .map(|s| duration(py, s, "idle_timeout"))
-                .transpose()?,
+            idle_timeout: idle_timeout.map(|s| duration(py, s, "idle_timeout")).transpose()?,
             workers,
             shutdown_timeout: duration(py, shutdown_timeout, "shutdown_timeout")?,
             revoke_timeout: duration(py, revoke_timeout, "revoke_timeout")?,
         };
         let plugins = Arc::new(Plugins::new(py, &plugins));
-        let outcome = py.detach(|| {
-            self.engine
-                .run(&self.config, &options, move |pool| plugins.serve(pool))
-        });
+        let outcome = py.detach(|| self.engine.run(&self.config, &options, move |pool| plugins.serve(pool)));
         match outcome {
             Ok(()) => Ok(()),
             Err(RunError::Core(error)) => Err(to_pyerr(py, &error)),
@@ -150,10 +140,7 @@ impl PyConsumer {
                 _ => None,
             };
             d.set_item("lag", lag)?;
-            partitions.set_item(
-                format!("{}[{}]", p.partition.topic, p.partition.partition),
-                d,
-            )?;
+            partitions.set_item(format!("{}[{}]", p.partition.topic, p.partition.partition), d)?;
         }
         stats.set_item("plugins", plugins)?;
         stats.set_item("partitions", partitions)?;

@@ -29,9 +29,7 @@ impl PyMockCluster {
 
     #[pyo3(signature = (topic, partitions = 1))]
     fn create_topic(&self, py: Python<'_>, topic: &str, partitions: i32) -> PyResult<()> {
-        self.cluster
-            .create_topic(topic, partitions)
-            .map_err(|e| to_pyerr(py, &e))
+        self.cluster.create_topic(topic, partitions).map_err(|e| to_pyerr(py, &e))
     }
 }
 

@@ -52,10 +52,7 @@ pub struct Plugins {
 
 impl Plugins {
     pub fn new(py: Python<'_>, specs: &[PluginSpec]) -> Self {
-        let calls = specs
-            .iter()
-            .map(|s| (s.func.clone_ref(py), PyString::intern(py, &s.name).unbind()))
-            .collect();
+        let calls = specs.iter().map(|s| (s.func.clone_ref(py), PyString::intern(py, &s.name).unbind())).collect();
         Plugins { calls }
     }
 
@@ -81,10 +78,7 @@ impl Plugins {
                 "plugin {:?} failed on {}: {}",
                 name.bind(py).to_string_lossy(),
                 describe(&chunk.batch, &chunk.range),
-                error
-                    .value(py)
-                    .repr()
-                    .map_or_else(|_| "?".to_string(), |r| r.to_string()),
+                error.value(py).repr().map_or_else(|_| "?".to_string(), |r| r.to_string()),
             );
             PluginFailure { error, message }
         })
@@ -94,14 +88,6 @@ impl Plugins {
 /// Names the partition and offsets of a slice, for an error message.
 fn describe(batch: &Batch, range: &std::ops::Range<usize>) -> String {
     let partition = batch.partition();
-    let (first, last) = (
-        batch.get(range.start).offset,
-        batch.get(range.end - 1).offset,
-    );
-    format!(
-        "{} message(s) of {}[{}] offsets {first}..={last}",
-        range.len(),
-        partition.topic,
-        partition.partition
-    )
+    let (first, last) = (batch.get(range.start).offset, batch.get(range.end - 1).offset);
+    format!("{} message(s) of {}[{}] offsets {first}..={last}", range.len(), partition.topic, partition.partition)
 }
