@@ -7,6 +7,7 @@ import time
 from collections import defaultdict
 
 import pytest
+from confluent_kafka import Producer
 
 import fastconsume as fc
 from fastconsume.testing import produce
@@ -152,3 +153,27 @@ def test_stop_from_a_plugin_commits_what_completed(mock_cluster: Cluster) -> Non
     assert seen[:500] == list(range(500))
     done = committed(mock_cluster.bootstrap, group, topic, 1)[0]
     assert 500 <= done <= len(seen), "commits cover completed batches, and only those"
+
+
+def test_headers_keys_and_null_values_arrive_intact(cluster: Cluster) -> None:
+    topic = cluster.create_topic(1)
+    producer = Producer({"bootstrap.servers": cluster.bootstrap})
+    producer.produce(topic, value=b"v0", key=b"k0", headers=[("trace", b"abc"), ("empty", None), ("trace", b"2")])
+    producer.produce(topic, value=None, key=None)
+    producer.produce(topic, value=b"", headers=[("ü-name", b"\x00\xff")])
+    assert producer.flush(30) == 0
+    app = fc.App(cluster.bootstrap, new_group(), [topic])
+    seen: list[tuple[object, ...]] = []
+
+    @app.plugin
+    def record(batch: fc.Batch) -> None:
+        assert batch.topic == topic
+        assert batch.partition == 0
+        seen.extend((m.key, m.value, m.headers) for m in batch)
+
+    app.run(idle_timeout=1.5)
+    assert seen == [
+        (b"k0", b"v0", (("trace", b"abc"), ("empty", None), ("trace", b"2"))),
+        (None, None, ()),
+        (None, b"", (("ü-name", b"\x00\xff"),)),
+    ]

@@ -3,6 +3,7 @@
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Protocol, final
 
+__all__ = ["Batch", "Consumer", "Message", "MockCluster", "__version__", "produce"]
 __version__: str
 
 @final
@@ -41,7 +42,7 @@ class Batch:
         """The partition every message of the batch comes from."""
     def __len__(self) -> int: ...
     def __iter__(self) -> Iterator[Message]: ...
-    def __getitem__(self, index: int) -> Message: ...
+    def __getitem__(self, index: int, /) -> Message: ...
     def values(self) -> list[bytes | None]:
         """The message values in order, without building ``Message`` objects."""
 
