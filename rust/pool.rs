@@ -52,6 +52,8 @@ struct State<E> {
     /// Next offset fetched and last committed offset, per partition.
     positions: Vec<(Partition, i64)>,
     committed: Vec<(Partition, i64)>,
+    /// High watermarks of revoked partitions, as last seen.
+    high_watermarks: Vec<(Partition, i64)>,
     admitted: u64,
 }
 
@@ -75,12 +77,14 @@ pub struct Snapshot {
 #[derive(Clone, Debug)]
 pub struct PartitionSnapshot {
     pub partition: Partition,
+    /// Whether the partition is assigned to this consumer now; the others were this run.
+    pub assigned: bool,
     pub position: Option<i64>,
     pub committed: Option<i64>,
     pub high_watermark: Option<i64>,
 }
 
-fn set_offset(list: &mut Vec<(Partition, i64)>, partition: &Partition, offset: i64) {
+fn upsert(list: &mut Vec<(Partition, i64)>, partition: &Partition, offset: i64) {
     match list.iter_mut().find(|(p, _)| p == partition) {
         Some(entry) => entry.1 = offset,
         None => list.push((partition.clone(), offset)),
@@ -101,6 +105,7 @@ impl<E: Send> Pool<E> {
                 failure: None,
                 positions: Vec::new(),
                 committed: Vec::new(),
+                high_watermarks: Vec::new(),
                 admitted: 0,
             }),
             work: Condvar::new(),
@@ -259,16 +264,25 @@ impl<E: Send> Pool<E> {
     pub fn snapshot(&self) -> Snapshot {
         let state = self.lock();
         let consumer = self.consumer();
-        let mut partitions: Vec<PartitionSnapshot> = state
-            .tracker
-            .assigned()
+        let mut known: Vec<&Partition> = state.tracker.assigned().collect();
+        for (partition, _) in state.positions.iter().chain(&state.committed) {
+            if !known.contains(&partition) {
+                known.push(partition);
+            }
+        }
+        let mut partitions: Vec<PartitionSnapshot> = known
+            .into_iter()
             .map(|partition| {
                 let lookup = |list: &[(Partition, i64)]| list.iter().find(|(p, _)| p == partition).map(|(_, o)| *o);
                 PartitionSnapshot {
                     partition: partition.clone(),
+                    assigned: state.tracker.is_assigned(partition),
                     position: lookup(&state.positions),
                     committed: lookup(&state.committed),
-                    high_watermark: consumer.as_ref().and_then(|c| crate::source::cached_high_watermark(c, partition)),
+                    high_watermark: consumer
+                        .as_ref()
+                        .and_then(|c| crate::source::cached_high_watermark(c, partition))
+                        .or_else(|| lookup(&state.high_watermarks)),
                 }
             })
             .collect();
@@ -313,7 +327,7 @@ impl<E: Send> Intake for Pool<E> {
             lane.push(&batch, id);
         }
         state.admitted += batch.len() as u64;
-        set_offset(&mut state.positions, batch.partition(), batch.last_offset() + 1);
+        upsert(&mut state.positions, batch.partition(), batch.last_offset() + 1);
         drop(state);
         self.work.notify_all();
         Ok(())
@@ -337,9 +351,14 @@ impl<E: Send> Intake for Pool<E> {
             state = self.progress.wait_timeout(state, left).unwrap_or_else(PoisonError::into_inner).0;
         }
         state.tracker.revoke(partitions);
-        state.positions.retain(|(p, _)| !partitions.contains(p));
-        state.committed.retain(|(p, _)| !partitions.contains(p));
         self.progress.notify_all();
+    }
+
+    fn record_high_watermarks(&self, watermarks: Vec<(Partition, i64)>) {
+        let mut state = self.lock();
+        for (partition, high) in watermarks {
+            upsert(&mut state.high_watermarks, &partition, high);
+        }
     }
 
     fn source_idle(&self) {
@@ -358,7 +377,7 @@ impl<E: Send> Intake for Pool<E> {
         for element in offsets.elements() {
             if let (Ok(()), Offset::Offset(offset)) = (element.error(), element.offset()) {
                 let partition = Partition { topic: Arc::from(element.topic()), partition: element.partition() };
-                set_offset(&mut state.committed, &partition, offset);
+                upsert(&mut state.committed, &partition, offset);
             }
         }
     }

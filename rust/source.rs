@@ -40,6 +40,8 @@ pub trait Intake: Send + Sync {
     /// Drops waiting work of the partitions and waits, bounded, for their running calls.
     fn revoke(&self, partitions: &[Partition], timeout: Duration);
     fn record_committed(&self, offsets: &TopicPartitionList);
+    /// The last high watermarks seen of partitions about to be revoked, for stats.
+    fn record_high_watermarks(&self, watermarks: Vec<(Partition, i64)>);
     /// Offers a batch; `Err` gives it back when a lane is full.
     fn submit(&self, batch: Arc<Batch>) -> std::result::Result<(), Arc<Batch>>;
     fn source_idle(&self);
@@ -89,6 +91,11 @@ impl ConsumerContext for SourceContext {
     fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         if let Rebalance::Revoke(tpl) = rebalance {
             let revoked = partitions(tpl);
+            let watermarks = revoked
+                .iter()
+                .filter_map(|p| cached_high_watermark(consumer, p).map(|high| (p.clone(), high)))
+                .collect();
+            self.intake.record_high_watermarks(watermarks);
             // Finish (bounded) what is running, then commit while the partitions are still
             // ours: with manual offset stores a commit after the revoke is too late
             // (librdkafka issue 4059).

@@ -105,7 +105,7 @@ def test_idle_means_asleep(real_cluster: RealCluster) -> None:
     runner = threading.Thread(target=app.run)
     runner.start()
     try:
-        wait_until(lambda: len(app.stats()["partitions"]) == 2, 60, "assignment")
+        wait_until(lambda: sum(p["assigned"] for p in app.stats()["partitions"].values()) == 2, 60, "assignment")
         time.sleep(1.0)  # let the group settle
         cpu_before = time.process_time()
         time.sleep(5.0)
@@ -133,8 +133,13 @@ def test_stats_report_partitions_after_a_drain(real_cluster: RealCluster) -> Non
     assert isinstance(partitions, dict)
     assert sorted(partitions) == [f"{topic}[0]", f"{topic}[1]"]
     for entry in partitions.values():
+        assert entry["assigned"] is True
         assert entry["position"] == 300
         assert entry["lag"] is None or entry["lag"] >= 0
     after = app.stats()
     assert after["running"] is False
     assert after["messages"] == 600
+    for entry in after["partitions"].values():
+        assert entry["assigned"] is False
+        assert entry["committed"] == 300
+        assert entry["lag"] == 0

@@ -218,8 +218,9 @@ class App:
         - ``plugins``: per plugin, ``batches``, ``messages`` and ``errors`` handled,
           ``in_flight`` calls, ``queued`` messages (waiting or running), ``queued_peak``,
           ``max_queued``, and call latency ``latency_p50`` and ``latency_p99`` in seconds;
-        - ``partitions``: per assigned partition, ``position`` (next offset fetched),
-          ``committed`` and ``lag`` (high watermark minus committed);
+        - ``partitions``: per partition consumed this run, whether it is ``assigned`` now,
+          ``position`` (next offset fetched), ``committed`` and ``lag`` (high watermark
+          minus committed);
         - ``process``: ``threads``, ``cpu_seconds`` and ``rss_bytes``.
         """
         stats = self._core.stats()

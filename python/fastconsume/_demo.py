@@ -83,7 +83,12 @@ def print_report(result: DemoResult) -> None:
     for name, s in plugins.items():
         p50, p99 = s["latency_p50"] * 1e3, s["latency_p99"] * 1e3
         print(f"{name:<10} {s['batches']:>8} {s['messages']:>10,} {p50:>9.3f} {p99:>9.3f} {s['queued_peak']:>11,}")
+    partitions = result.stats.get("partitions", {})
     process = result.stats.get("process", {})
+    assert isinstance(partitions, dict)
     assert isinstance(process, dict)
+    committed = sum(p["committed"] or 0 for p in partitions.values())
+    lag = sum(p["lag"] or 0 for p in partitions.values())
     print()
+    print(f"partitions {len(partitions)}, committed {committed:,}, lag {lag:,}")
     print(f"threads {process['threads']}, RSS {process['rss_bytes'] / 2**20:.0f} MiB")

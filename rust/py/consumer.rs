@@ -132,6 +132,7 @@ impl PyConsumer {
             let d = PyDict::new(py);
             d.set_item("topic", &*p.partition.topic)?;
             d.set_item("partition", p.partition.partition)?;
+            d.set_item("assigned", p.assigned)?;
             d.set_item("position", p.position)?;
             d.set_item("committed", p.committed)?;
             let lag = match (p.high_watermark, p.committed) {
