@@ -179,8 +179,10 @@ impl Lane {
         for chunk in &dropped {
             self.release(chunk);
         }
-        self.partitions.retain(|_, queue| queue.busy);
-        self.ready.retain(|p| self.partitions.contains_key(p));
+        // Keep partitions that still have work: a running call, or chunks not dropped.
+        self.partitions.retain(|_, queue| queue.busy || !queue.chunks.is_empty());
+        let partitions = &self.partitions;
+        self.ready.retain(|p| partitions.get(p).is_some_and(|q| !q.busy && !q.chunks.is_empty()));
     }
 
     /// Calls running on any of `partitions`.
@@ -283,6 +285,24 @@ mod tests {
         assert_eq!(l.stats.queued, 10);
         assert_eq!(l.check_admit(&b3), Ok(()));
         assert_eq!(l.stats.queued_peak, 20);
+    }
+
+    #[test]
+    fn dropping_one_partitions_work_keeps_the_others() {
+        let mut tracker = OffsetTracker::default();
+        let mut l = lane(5, 1, 100);
+        let (b0, b1) = (batch(0, 0, 10), batch(1, 0, 10));
+        l.push(&b0, id(&mut tracker, &b0));
+        l.push(&b1, id(&mut tracker, &b1));
+        l.drop_waiting(Some(&[b0.partition().clone()]));
+        assert_eq!(l.stats.queued, 10);
+        let first = l.take().expect("partition 1 is still ready");
+        assert_eq!((first.batch.partition().partition, first.range.clone()), (1, 0..5));
+        l.finish(&first);
+        let second = l.take().expect("and keeps its order");
+        assert_eq!(second.range, 5..10);
+        l.finish(&second);
+        assert!(l.is_empty());
     }
 
     #[test]

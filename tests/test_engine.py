@@ -143,3 +143,53 @@ def test_stats_report_partitions_after_a_drain(real_cluster: RealCluster) -> Non
         assert entry["assigned"] is False
         assert entry["committed"] == 300
         assert entry["lag"] == 0
+
+
+def test_a_cooperative_revoke_keeps_the_work_of_partitions_that_stay(real_cluster: RealCluster) -> None:
+    """Another member joining takes some partitions away; the slow lane must go on with the
+    ones it keeps, with no gap, and drain mode must still end."""
+    partitions, per_partition = 4, 4000
+    topic = real_cluster.create_topic(partitions)
+    fill(real_cluster, topic, partitions, per_partition)
+    group = new_group()
+    kafka = {
+        "partition.assignment.strategy": "cooperative-sticky",
+        "session.timeout.ms": 6000,
+        "heartbeat.interval.ms": 500,
+    }
+    seen: dict[str, dict[int, list[int]]] = {"slow": defaultdict(list), "fast": defaultdict(list)}
+    first = fc.App(real_cluster.bootstrap, group, [topic], kafka=kafka)
+
+    def record(name: str, delay: float) -> None:
+        @first.plugin(name=name, batch_size=100, max_queued=100_000)
+        def plugin(batch: fc.Batch) -> None:
+            time.sleep(delay)
+            seen[name][batch.partition].extend(m.offset for m in batch)
+
+    record("slow", 0.1)
+    record("fast", 0.0)
+    first_run = threading.Thread(target=first.run, kwargs={"idle_timeout": 3.0})
+    first_run.start()
+    second = fc.App(real_cluster.bootstrap, group, [topic], kafka=kafka)
+    second_seen: dict[int, list[int]] = defaultdict(list)
+    second.plugin(name="other")(lambda batch: second_seen[batch.partition].extend(m.offset for m in batch))
+    second_run = threading.Thread(target=second.run, kwargs={"idle_timeout": 3.0})
+    try:
+        wait_until(lambda: sum(len(v) for v in seen["slow"].values()) >= 300, 60, "the slow lane to start")
+        second_run.start()
+        first_run.join(timeout=120)
+        second_run.join(timeout=120)
+    finally:
+        first.stop()
+        second.stop()
+        first_run.join(timeout=60)
+        if second_run.ident is not None:
+            second_run.join(timeout=60)
+    assert not first_run.is_alive(), "drain mode must end"
+    assert second_seen, "the second member got partitions"
+    kept = [p for p in range(partitions) if p not in second_seen]
+    assert kept, "the first member kept some partitions"
+    for name in ("slow", "fast"):
+        for p in kept:
+            assert seen[name][p] == list(range(per_partition)), f"{name} partition {p}"
+    assert committed(real_cluster.bootstrap, group, topic, partitions) == [per_partition] * partitions
