@@ -47,10 +47,13 @@ impl RunOptions {
             if lane.batch_size == 0 || lane.concurrency == 0 {
                 return Err(Error::Config(format!("plugin {name:?}: batch_size and concurrency must be at least 1")));
             }
-            if lane.max_queued < lane.batch_size {
+            // Fetched batches are as large as the largest batch_size, and a lane admits whole
+            // batches, so a smaller bound could never hold one without overflowing.
+            let fetched = self.shape().batch_size;
+            if lane.max_queued < fetched {
                 return Err(Error::Config(format!(
-                    "plugin {name:?}: max_queued ({}) must be at least batch_size ({})",
-                    lane.max_queued, lane.batch_size
+                    "plugin {name:?}: max_queued ({}) must be at least the largest batch_size ({fetched})",
+                    lane.max_queued
                 )));
             }
         }
@@ -153,6 +156,7 @@ impl<E: Send + 'static> Engine<E> {
             log::warn!("shutdown: plugin calls still running after {:?}; leaving them", options.shutdown_timeout);
         }
         source::commit_sync(&consumer, "final commit");
+        pool.detach();
         drop(consumer); // closes: the revoke callback runs and the group is left
         pool.close();
         if finished {
@@ -182,7 +186,7 @@ where
             std::thread::Builder::new()
                 .name(format!("fastconsume-worker-{i}"))
                 .spawn(move || worker(&pool))
-                .map_err(|e| Error::Config(format!("cannot start worker thread {i}: {e}")))
+                .map_err(|e| Error::Internal(format!("cannot start worker thread {i}: {e}")))
         })
         .collect()
 }
@@ -199,8 +203,8 @@ mod tests {
     /// Per lane and partition, the offsets each call saw, in call order.
     type Seen = Arc<Mutex<BTreeMap<(usize, i32), Vec<i64>>>>;
 
-    /// A worker that records what it is given; it fails the first call holding `fail_at`
-    /// and sleeps `slow` per call on lane 0.
+    /// A worker that records what it is given; on lane 0 it fails the first call holding
+    /// `fail_at` and sleeps `slow` per call.
     fn recorder(seen: Seen, fail_at: Option<i64>, slow: Duration) -> impl Fn(&Pool<i64>) + Send + Sync + 'static {
         let failed = Arc::new(AtomicBool::new(false));
         move |pool: &Pool<i64>| {
@@ -212,7 +216,9 @@ mod tests {
                     std::thread::sleep(slow);
                 }
                 let outcome = match fail_at {
-                    Some(bad) if offsets.contains(&bad) && !failed.swap(true, Ordering::AcqRel) => Err(bad),
+                    Some(bad) if task.lane == 0 && offsets.contains(&bad) && !failed.swap(true, Ordering::AcqRel) => {
+                        Err(bad)
+                    }
                     _ => {
                         let key = (task.lane, batch.partition().partition);
                         seen.lock().expect("seen").entry(key).or_default().extend(offsets);
@@ -328,6 +334,22 @@ mod tests {
     }
 
     #[test]
+    fn a_failed_slice_keeps_its_whole_batch_uncommitted() {
+        // Fetched batches hold 100 messages (lane b's size); lane a calls in slices of 10 and
+        // fails the one holding offset 25. Later slices of that batch succeeding must not
+        // finish it for lane a.
+        let (_cluster, config) = cluster_with(1, 300);
+        let engine = Engine::default();
+        let options = drain(vec![lane("a", 10, 1), lane("b", 100, 1)]);
+        let outcome = engine.run(&config, &options, recorder(Seen::default(), Some(25), Duration::ZERO));
+        assert!(matches!(outcome, Err(RunError::Plugin(25))), "{outcome:?}");
+        let again = Seen::default();
+        engine.run(&config, &options, recorder(again.clone(), None, Duration::ZERO)).expect("rerun");
+        let redelivered = again.lock().expect("seen")[&(0, 0)].clone();
+        assert!(redelivered.contains(&25), "offset 25 must come again, got {:?}", redelivered.first());
+    }
+
+    #[test]
     fn stop_before_run_ends_that_run_at_once() {
         let (_cluster, config) = cluster_with(1, 10);
         let engine = Engine::default();
@@ -354,9 +376,9 @@ mod tests {
 
     #[test]
     fn bad_options_are_refused() {
-        let mut options = drain(vec![lane("a", 10, 1)]);
-        options.lanes[0].max_queued = 5;
-        assert!(matches!(options.validate(), Err(Error::Config(m)) if m.contains("max_queued")));
+        let mut options = drain(vec![lane("a", 10, 1), lane("b", 500, 1)]);
+        options.lanes[0].max_queued = 100;
+        assert!(matches!(options.validate(), Err(Error::Config(m)) if m.contains("largest batch_size (500)")));
         assert!(drain(vec![]).validate().is_err());
     }
 }

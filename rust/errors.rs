@@ -16,6 +16,9 @@ pub enum Error {
     Connect { bootstrap: String, waited_ms: u64, last_error: Option<String> },
     /// Produced messages were not acknowledged.
     Delivery { topic: String, failed: u64, sent: u64 },
+    /// A bug or a resource failure inside fastconsume (a thread that could not start or
+    /// panicked).
+    Internal(String),
     /// Kafka failed in a way that stops the consumer.
     Kafka { context: &'static str, source: KafkaError },
 }
@@ -34,7 +37,7 @@ impl Error {
 impl fmt::Display for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Error::Config(message) => f.write_str(message),
+            Error::Config(message) | Error::Internal(message) => f.write_str(message),
             Error::Property { name, reason } => write!(f, "librdkafka property {name:?}: {reason}"),
             Error::Connect { bootstrap, waited_ms, last_error } => {
                 write!(f, "could not reach Kafka at {bootstrap} within {waited_ms} ms")?;

@@ -18,6 +18,8 @@ struct Pending {
     last: i64,
     /// Lanes that have not finished this batch.
     remaining: u32,
+    /// A lane failed part of it: it never finishes, so nothing at or after it is stored.
+    failed: bool,
 }
 
 /// Tracks unfinished batches per assigned partition.
@@ -53,7 +55,7 @@ impl OffsetTracker {
         debug_assert!(pending.back().is_none_or(|p| p.last < last), "fetch order is offset order");
         let id = BatchId(self.next_id);
         self.next_id += 1;
-        pending.push_back(Pending { batch: id, last, remaining: lanes });
+        pending.push_back(Pending { batch: id, last, remaining: lanes, failed: false });
         Some(id)
     }
 
@@ -65,10 +67,18 @@ impl OffsetTracker {
         debug_assert!(entry.remaining > 0, "a lane finishes a batch once");
         entry.remaining = entry.remaining.saturating_sub(1);
         let mut advanced_to = None;
-        while pending.front().is_some_and(|p| p.remaining == 0) {
+        while pending.front().is_some_and(|p| p.remaining == 0 && !p.failed) {
             advanced_to = pending.pop_front().map(|p| p.last + 1);
         }
         advanced_to
+    }
+
+    /// A lane failed part of the batch: its offsets, and those after it on the partition,
+    /// are never stored this assignment, whatever other lanes or later slices do.
+    pub fn fail(&mut self, partition: &Partition, id: BatchId) {
+        if let Some(entry) = self.partitions.get_mut(partition).and_then(|q| q.iter_mut().find(|p| p.batch == id)) {
+            entry.failed = true;
+        }
     }
 
     /// Unfinished batches, over all partitions.
@@ -119,6 +129,18 @@ mod tests {
         let b = t.track(&p(1), 7, 1).expect("assigned");
         assert_eq!(t.complete(&p(1), b), Some(8));
         assert_eq!(t.complete(&p(0), a), Some(5));
+    }
+
+    #[test]
+    fn a_failed_batch_is_never_stored_even_if_its_lanes_count_down() {
+        let mut t = OffsetTracker::default();
+        t.assign([p(0)]);
+        let a = t.track(&p(0), 9, 2).expect("assigned");
+        let b = t.track(&p(0), 19, 1).expect("assigned");
+        t.fail(&p(0), a);
+        assert_eq!(t.complete(&p(0), a), None);
+        assert_eq!(t.complete(&p(0), a), None, "every lane finished, but one failed part of it");
+        assert_eq!(t.complete(&p(0), b), None, "nothing after a failed batch is stored");
     }
 
     #[test]

@@ -91,6 +91,20 @@ fn upsert(list: &mut Vec<(Partition, i64)>, partition: &Partition, offset: i64) 
     }
 }
 
+/// Stores the next offset to read for a partition, for the next commit.
+fn store(consumer: &KafkaConsumer, partition: &Partition, offset: i64) {
+    let mut tpl = TopicPartitionList::with_capacity(1);
+    if let Err(e) = tpl.add_partition_offset(&partition.topic, partition.partition, Offset::Offset(offset)) {
+        log::warn!("store offset {offset} for {}[{}]: {e}", partition.topic, partition.partition);
+        return;
+    }
+    match consumer.store_offsets(&tpl) {
+        // A partition lost meanwhile belongs to its next owner now.
+        Ok(()) | Err(KafkaError::StoreOffset(RDKafkaErrorCode::State)) => {}
+        Err(e) => log::warn!("store offset {offset} for {}[{}]: {e}", partition.topic, partition.partition),
+    }
+}
+
 impl<E: Send> Pool<E> {
     pub fn new(lanes: Vec<LaneOptions>, stop: Arc<AtomicBool>) -> Self {
         Pool {
@@ -127,6 +141,11 @@ impl<E: Send> Pool<E> {
         *self.consumer.lock().unwrap_or_else(PoisonError::into_inner) = Arc::downgrade(consumer);
     }
 
+    /// Forgets the consumer before it closes, so no late call keeps it alive past the close.
+    pub fn detach(&self) {
+        *self.consumer.lock().unwrap_or_else(PoisonError::into_inner) = Weak::new();
+    }
+
     fn consumer(&self) -> Option<Arc<KafkaConsumer>> {
         self.consumer.lock().unwrap_or_else(PoisonError::into_inner).upgrade()
     }
@@ -144,12 +163,17 @@ impl<E: Send> Pool<E> {
 
     // --- the workers' side -------------------------------------------------------------
 
-    /// Blocks until a call is ready, and starts it; `None` once the pool is closed.
+    /// Blocks until a call is ready, and starts it; `None` once the pool is closed. Once a
+    /// stop is requested no new call starts: running ones finish, waiting ones are dropped.
     pub fn next_task(&self) -> Option<Task> {
         let mut state = self.lock();
         loop {
             if state.closed {
                 return None;
+            }
+            if self.stop_requested() {
+                state = self.work.wait(state).unwrap_or_else(PoisonError::into_inner);
+                continue;
             }
             let count = state.lanes.len();
             for i in 0..count {
@@ -164,54 +188,43 @@ impl<E: Send> Pool<E> {
     }
 
     /// A call returned. On success, the batch is finished for this lane when its last
-    /// chunk is; the offset is stored once every lane finished it. A failure ends the run.
+    /// chunk is; the offset is stored once every lane finished it. A failure marks the batch
+    /// failed, drops the lane's waiting work on that partition, and ends the run.
     pub fn complete(&self, task: Task, outcome: Result<(), E>, took: Duration) {
-        let mut state = self.lock();
+        // Taken before the lock so that, if this is the last handle (shutdown racing a late
+        // call), the consumer is dropped after the guard: dropping it runs callbacks that lock.
+        let consumer = self.consumer();
+        let mut guard = self.lock();
+        let state = &mut *guard;
         let failed = outcome.is_err();
+        let partition = task.chunk.batch.partition();
         let lane = &mut state.lanes[task.lane];
         lane.finish(&task.chunk);
         lane.stats.batches += 1;
         lane.stats.messages += task.chunk.range.len() as u64;
         lane.stats.errors += u64::from(failed);
         lane.stats.latency.record(took);
-        let more_ready = lane.has_ready();
         match outcome {
             Ok(()) if task.chunk.last => {
-                let partition = task.chunk.batch.partition();
-                if let Some(offset) = state.tracker.complete(partition, task.chunk.id) {
+                if let (Some(offset), Some(consumer)) = (state.tracker.complete(partition, task.chunk.id), &consumer) {
                     // Under the lock, so a revoke cannot slip between the decision and the store.
-                    self.store(partition, offset);
+                    store(consumer, partition, offset);
                 }
             }
             Ok(()) => {}
             Err(error) => {
-                if state.failure.is_none() {
-                    state.failure = Some(error);
-                }
+                lane.drop_waiting(Some(std::slice::from_ref(partition)));
+                state.tracker.fail(partition, task.chunk.id);
+                state.failure.get_or_insert(error);
                 self.stop.store(true, Ordering::Release);
             }
         }
-        drop(state);
+        let more_ready = state.lanes[task.lane].has_ready();
+        drop(guard);
         if more_ready {
             self.work.notify_one();
         }
         self.progress.notify_all();
-    }
-
-    fn store(&self, partition: &Partition, offset: i64) {
-        let Some(consumer) = self.consumer() else {
-            return;
-        };
-        let mut tpl = TopicPartitionList::with_capacity(1);
-        if let Err(e) = tpl.add_partition_offset(&partition.topic, partition.partition, Offset::Offset(offset)) {
-            log::warn!("store offset {offset} for {}[{}]: {e}", partition.topic, partition.partition);
-            return;
-        }
-        match consumer.store_offsets(&tpl) {
-            // A partition lost meanwhile belongs to its next owner now.
-            Ok(()) | Err(KafkaError::StoreOffset(RDKafkaErrorCode::State)) => {}
-            Err(e) => log::warn!("store offset {offset} for {}[{}]: {e}", partition.topic, partition.partition),
-        }
     }
 
     // --- the engine's side -------------------------------------------------------------
@@ -262,8 +275,8 @@ impl<E: Send> Pool<E> {
     }
 
     pub fn snapshot(&self) -> Snapshot {
+        let consumer = self.consumer(); // before the lock: see `complete`
         let state = self.lock();
-        let consumer = self.consumer();
         let mut known: Vec<&Partition> = state.tracker.assigned().collect();
         for (partition, _) in state.positions.iter().chain(&state.committed) {
             if !known.contains(&partition) {
@@ -326,10 +339,13 @@ impl<E: Send> Intake for Pool<E> {
         for lane in &mut state.lanes {
             lane.push(&batch, id);
         }
+        let ready = state.lanes.iter().filter(|l| l.has_ready()).count();
         state.admitted += batch.len() as u64;
         upsert(&mut state.positions, batch.partition(), batch.last_offset() + 1);
         drop(state);
-        self.work.notify_all();
+        for _ in 0..ready {
+            self.work.notify_one();
+        }
         Ok(())
     }
 
@@ -361,8 +377,8 @@ impl<E: Send> Intake for Pool<E> {
         }
     }
 
-    fn source_idle(&self) {
-        self.lock().source_idle = true;
+    fn source_idle(&self, idle: bool) {
+        self.lock().source_idle = idle;
         self.progress.notify_all();
     }
 

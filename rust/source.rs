@@ -44,7 +44,9 @@ pub trait Intake: Send + Sync {
     fn record_high_watermarks(&self, watermarks: Vec<(Partition, i64)>);
     /// Offers a batch; `Err` gives it back when a lane is full.
     fn submit(&self, batch: Arc<Batch>) -> std::result::Result<(), Arc<Batch>>;
-    fn source_idle(&self);
+    /// Drain mode: whether nothing new was fetched for the idle timeout, nothing waits to
+    /// be offered, and no partition is paused.
+    fn source_idle(&self, idle: bool);
     fn source_failed(&self, error: Error);
     fn stop_requested(&self) -> bool;
 }
@@ -89,6 +91,13 @@ impl ClientContext for SourceContext {
 
 impl ConsumerContext for SourceContext {
     fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Assign(tpl) = rebalance {
+            // Before librdkafka assigns, so no message of these partitions can reach the
+            // consumer queue ahead of ours (which would reorder them).
+            if let Some(fetch) = lock(&self.fetch).as_ref() {
+                fetch.forward(consumer, &partitions(tpl));
+            }
+        }
         if let Rebalance::Revoke(tpl) = rebalance {
             let revoked = partitions(tpl);
             let watermarks = revoked
@@ -111,8 +120,10 @@ impl ConsumerContext for SourceContext {
             Rebalance::Assign(tpl) => {
                 let assigned = partitions(tpl);
                 log::info!("assigned {} partition(s)", assigned.len());
-                if let Some(fetch) = lock(&self.fetch).as_ref() {
-                    fetch.forward(consumer, &assigned);
+                // librdkafka keeps an application pause across revoke and reassignment; a
+                // partition paused for backpressure before a revoke must fetch again.
+                if let Err(e) = consumer.resume(tpl) {
+                    log::warn!("resume newly assigned partitions: {e}");
                 }
                 self.intake.assign(assigned);
                 *lock(&self.assigned_at) = Some(Instant::now());
@@ -206,12 +217,16 @@ impl Source {
             held: VecDeque::new(),
             paused: Vec::new(),
             last_message_at: Instant::now(),
+            reported_idle: false,
         };
-        let thread = std::thread::Builder::new()
-            .name("fastconsume-source".into())
-            .spawn(move || poll.run())
-            .map_err(|e| Error::Config(format!("cannot start the source thread: {e}")))?;
-        Ok(Source { consumer, thread })
+        let spawned = std::thread::Builder::new().name("fastconsume-source".into()).spawn(move || poll.run());
+        match spawned {
+            Ok(thread) => Ok(Source { consumer, thread }),
+            Err(e) => {
+                lock(&consumer.context().fetch).take(); // the queue must go before the consumer
+                Err(Error::Internal(format!("cannot start the source thread: {e}")))
+            }
+        }
     }
 
     /// Waits for the poll thread to end (it ends on stop, idle or failure).
@@ -220,6 +235,22 @@ impl Source {
             log::error!("the source thread panicked");
         }
         self.consumer
+    }
+}
+
+/// Runs however the poll loop ends, a panic included: the fetch queue goes before the
+/// consumer does, and a panic ends the run instead of leaving it waiting for batches.
+struct Ending {
+    consumer: Arc<KafkaConsumer>,
+    intake: Arc<dyn Intake>,
+}
+
+impl Drop for Ending {
+    fn drop(&mut self) {
+        lock(&self.consumer.context().fetch).take();
+        if std::thread::panicking() {
+            self.intake.source_failed(Error::Internal("the source thread panicked".into()));
+        }
     }
 }
 
@@ -246,14 +277,16 @@ struct PollLoop {
     held: VecDeque<Arc<Batch>>,
     paused: Vec<Partition>,
     last_message_at: Instant,
+    /// What drain mode was last told; the loop keeps polling (serving the group) when idle.
+    reported_idle: bool,
 }
 
 impl PollLoop {
     fn run(mut self) {
+        let _ending = Ending { consumer: self.consumer.clone(), intake: self.intake.clone() };
         if let Err(error) = self.fill() {
             self.intake.source_failed(error);
         }
-        lock(&self.consumer.context().fetch).take();
     }
 
     fn fill(&mut self) -> Result<()> {
@@ -264,15 +297,16 @@ impl PollLoop {
             self.forget_revoked();
             self.offer_held();
             let now = Instant::now();
-            if self.idle(now) {
-                self.intake.source_idle();
-                return Ok(());
+            let idle = self.idle(now);
+            if idle != self.reported_idle {
+                self.intake.source_idle(idle);
+                self.reported_idle = idle;
             }
             self.serve_events()?;
             let wait = self.wait(now);
             let mut raw = std::mem::take(&mut self.raw);
             self.fetch.take(wait, self.shape.batch_size, &mut raw);
-            if !raw.is_empty() {
+            if raw.iter().any(|m| m.error().is_none()) {
                 self.last_message_at = Instant::now();
             }
             for message in raw.drain(..) {
@@ -441,7 +475,12 @@ impl PollLoop {
             }
         }
         self.held.retain(|b| !revoked.contains(b.partition()));
-        self.paused.retain(|p| !revoked.contains(p));
+        let (gone, kept): (Vec<_>, Vec<_>) =
+            std::mem::take(&mut self.paused).into_iter().partition(|p| revoked.contains(p));
+        for partition in &gone {
+            self.set_paused(partition, false); // the pause outlives the assignment otherwise
+        }
+        self.paused = kept;
     }
 
     /// How long to block in `poll`: until the next linger deadline, at most `STOP_CHECK`

@@ -7,6 +7,8 @@ import threading
 import time
 from collections import defaultdict
 
+import pytest
+
 import fastconsume as fc
 
 from kafka import RealCluster, committed, fill, new_group
@@ -145,9 +147,11 @@ def test_stats_report_partitions_after_a_drain(real_cluster: RealCluster) -> Non
         assert entry["lag"] == 0
 
 
-def test_a_cooperative_revoke_keeps_the_work_of_partitions_that_stay(real_cluster: RealCluster) -> None:
-    """Another member joining takes some partitions away; the slow lane must go on with the
-    ones it keeps, with no gap, and drain mode must still end."""
+@pytest.mark.parametrize("strategy", ["cooperative-sticky", "range"])
+def test_a_rebalance_keeps_the_work_of_partitions_that_stay(real_cluster: RealCluster, strategy: str) -> None:
+    """Another member joining takes some partitions away while the slow lane is full and
+    partitions are paused; the first member must go on with the ones it keeps, with no gap
+    (under the eager protocol they are revoked and assigned again), and drain mode must end."""
     partitions, per_partition = 4, 4000
     topic = real_cluster.create_topic(partitions)
     fill(real_cluster, topic, partitions, per_partition)
@@ -161,7 +165,7 @@ def test_a_cooperative_revoke_keeps_the_work_of_partitions_that_stay(real_cluste
     first = fc.App(real_cluster.bootstrap, group, [topic], kafka=kafka)
 
     def record(name: str, delay: float) -> None:
-        @first.plugin(name=name, batch_size=100, max_queued=100_000)
+        @first.plugin(name=name, batch_size=100, max_queued=400)
         def plugin(batch: fc.Batch) -> None:
             time.sleep(delay)
             seen[name][batch.partition].extend(m.offset for m in batch)

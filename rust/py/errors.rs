@@ -23,6 +23,7 @@ pub fn to_pyerr(py: Python<'_>, error: &Error) -> PyErr {
         Error::Config(_) | Error::Property { .. } => "ConfigError",
         Error::Connect { .. } => "KafkaConnectionError",
         Error::Kafka { .. } | Error::Delivery { .. } => "KafkaError",
+        Error::Internal(_) => "FastconsumeError",
     };
     exception(py, name, error.to_string())
 }
