@@ -47,8 +47,8 @@ impl RunOptions {
             if lane.batch_size == 0 || lane.concurrency == 0 {
                 return Err(Error::Config(format!("plugin {name:?}: batch_size and concurrency must be at least 1")));
             }
-            // Fetched batches are as large as the largest batch_size, and a lane admits whole
-            // batches, so a smaller bound could never hold one without overflowing.
+            // Fetched batches are as large as the largest batch_size and a lane takes whole
+            // batches, so a smaller bound would be overrun by a single batch.
             let fetched = self.shape().batch_size;
             if lane.max_queued < fetched {
                 return Err(Error::Config(format!(

@@ -32,8 +32,9 @@ impl FetchQueue {
         NonNull::new(queue).map(|queue| FetchQueue { queue })
     }
 
-    /// Sends the messages of newly assigned partitions here. Called after every assignment,
-    /// since an assignment resets the partitions' queues.
+    /// Sends the messages of partitions about to be assigned here. Called before every
+    /// assignment: stopping a partition's fetcher clears its forward, and librdkafka does not
+    /// forward it anywhere again once the application has.
     pub fn forward(&self, consumer: &KafkaConsumer, partitions: &[Partition]) {
         for p in partitions {
             let Ok(topic) = CString::new(p.topic.as_bytes()) else {
@@ -53,14 +54,23 @@ impl FetchQueue {
         }
     }
 
-    /// Waits up to `timeout` for messages and takes up to `limit` of them.
+    /// Waits up to `timeout` for a first message, then takes what else is there, up to
+    /// `limit` in all. (librdkafka's batch call alone waits until it has `limit` messages,
+    /// which would hold the first one back past its linger.)
     pub fn take(&self, timeout: Duration, limit: usize, into: &mut Vec<RawMessage>) {
-        let mut slots: Vec<*mut rd::rd_kafka_message_t> = vec![ptr::null_mut(); limit];
         let timeout_ms = i32::try_from(timeout.as_millis()).unwrap_or(i32::MAX);
+        if self.take_some(timeout_ms, 1, into) == 1 && limit > 1 {
+            self.take_some(0, limit - 1, into);
+        }
+    }
+
+    fn take_some(&self, timeout_ms: i32, limit: usize, into: &mut Vec<RawMessage>) -> usize {
+        let mut slots: Vec<*mut rd::rd_kafka_message_t> = vec![ptr::null_mut(); limit];
         // SAFETY: `slots` has room for `limit` pointers; librdkafka fills the first `n`.
         let n = unsafe { rd::rd_kafka_consume_batch_queue(self.queue.as_ptr(), timeout_ms, slots.as_mut_ptr(), limit) };
         let n = usize::try_from(n).unwrap_or(0); // -1 is an error on the queue itself: nothing taken
         into.extend(slots[..n].iter().filter_map(|&m| NonNull::new(m).map(|message| RawMessage { message })));
+        n
     }
 }
 

@@ -194,6 +194,7 @@ impl<E: Send> Pool<E> {
         // Taken before the lock so that, if this is the last handle (shutdown racing a late
         // call), the consumer is dropped after the guard: dropping it runs callbacks that lock.
         let consumer = self.consumer();
+        let mut later_failure = None;
         let mut guard = self.lock();
         let state = &mut *guard;
         let failed = outcome.is_err();
@@ -215,12 +216,17 @@ impl<E: Send> Pool<E> {
             Err(error) => {
                 lane.drop_waiting(Some(std::slice::from_ref(partition)));
                 state.tracker.fail(partition, task.chunk.id);
-                state.failure.get_or_insert(error);
+                if state.failure.is_none() {
+                    state.failure = Some(error);
+                } else {
+                    later_failure = Some(error); // the first one is reported
+                }
                 self.stop.store(true, Ordering::Release);
             }
         }
         let more_ready = state.lanes[task.lane].has_ready();
         drop(guard);
+        drop(later_failure); // outside the lock: it may hold Python objects
         if more_ready {
             self.work.notify_one();
         }
@@ -357,11 +363,13 @@ impl<E: Send> Intake for Pool<E> {
         for lane in &mut state.lanes {
             lane.drop_waiting(Some(partitions));
         }
-        let deadline = Instant::now() + timeout;
+        // At shutdown the drain already waited for running calls; their results can no
+        // longer be stored, so waiting again would only delay the close.
+        let deadline = if state.intake_closed { Instant::now() } else { Instant::now() + timeout };
         while state.lanes.iter().any(|l| l.running_on(partitions) > 0) {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
-                log::warn!("revoke: calls still running after {timeout:?}; their results will not be stored");
+                log::warn!("revoke: calls still running; their results will not be stored");
                 break;
             }
             state = self.progress.wait_timeout(state, left).unwrap_or_else(PoisonError::into_inner).0;
@@ -378,8 +386,11 @@ impl<E: Send> Intake for Pool<E> {
     }
 
     fn source_idle(&self, idle: bool) {
-        self.lock().source_idle = idle;
-        self.progress.notify_all();
+        let mut state = self.lock();
+        if state.source_idle != idle {
+            state.source_idle = idle;
+            self.progress.notify_all();
+        }
     }
 
     fn source_failed(&self, error: Error) {

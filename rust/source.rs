@@ -45,7 +45,8 @@ pub trait Intake: Send + Sync {
     /// Offers a batch; `Err` gives it back when a lane is full.
     fn submit(&self, batch: Arc<Batch>) -> std::result::Result<(), Arc<Batch>>;
     /// Drain mode: whether nothing new was fetched for the idle timeout, nothing waits to
-    /// be offered, and no partition is paused.
+    /// be offered, and no partition is paused. Told on every turn of the poll loop (the loop
+    /// keeps serving the group while idle), and `false` as soon as anything arrives.
     fn source_idle(&self, idle: bool);
     fn source_failed(&self, error: Error);
     fn stop_requested(&self) -> bool;
@@ -99,6 +100,9 @@ impl ConsumerContext for SourceContext {
             }
         }
         if let Rebalance::Revoke(tpl) = rebalance {
+            // Lanes empty on a revoke; drain mode must not take that for the end while
+            // partitions may be assigned again.
+            self.intake.source_idle(false);
             let revoked = partitions(tpl);
             let watermarks = revoked
                 .iter()
@@ -217,7 +221,6 @@ impl Source {
             held: VecDeque::new(),
             paused: Vec::new(),
             last_message_at: Instant::now(),
-            reported_idle: false,
         };
         let spawned = std::thread::Builder::new().name("fastconsume-source".into()).spawn(move || poll.run());
         match spawned {
@@ -277,8 +280,6 @@ struct PollLoop {
     held: VecDeque<Arc<Batch>>,
     paused: Vec<Partition>,
     last_message_at: Instant,
-    /// What drain mode was last told; the loop keeps polling (serving the group) when idle.
-    reported_idle: bool,
 }
 
 impl PollLoop {
@@ -297,17 +298,14 @@ impl PollLoop {
             self.forget_revoked();
             self.offer_held();
             let now = Instant::now();
-            let idle = self.idle(now);
-            if idle != self.reported_idle {
-                self.intake.source_idle(idle);
-                self.reported_idle = idle;
-            }
+            self.intake.source_idle(self.idle(now));
             self.serve_events()?;
             let wait = self.wait(now);
             let mut raw = std::mem::take(&mut self.raw);
             self.fetch.take(wait, self.shape.batch_size, &mut raw);
             if raw.iter().any(|m| m.error().is_none()) {
                 self.last_message_at = Instant::now();
+                self.intake.source_idle(false); // before the engine can see empty lanes
             }
             for message in raw.drain(..) {
                 self.take_raw(&message);
@@ -490,8 +488,9 @@ impl PollLoop {
         for deadline in self.filling.iter().filter_map(|f| f.deadline) {
             wait = wait.min(deadline.saturating_duration_since(now));
         }
-        if let Some(idle_at) = self.idle_deadline() {
-            wait = wait.min(idle_at.saturating_duration_since(now));
+        // Wake at the idle deadline, not again and again once it has passed.
+        if let Some(idle_at) = self.idle_deadline().filter(|&at| at > now) {
+            wait = wait.min(idle_at - now);
         }
         wait
     }

@@ -103,8 +103,8 @@ impl PyConsumer {
     }
 
     /// Asks the current run (or the next, if none is running) to stop gracefully.
-    fn stop(&self) {
-        self.engine.stop();
+    fn stop(&self, py: Python<'_>) {
+        py.detach(|| self.engine.stop());
     }
 
     /// Counters of the current or last run.
