@@ -206,7 +206,7 @@ impl Source {
         consumer.subscribe(&topics).map_err(|e| Error::kafka("subscribe", e))?;
 
         let fetch = Arc::new(
-            FetchQueue::new(&consumer).ok_or_else(|| Error::Config("librdkafka could not create a queue".into()))?,
+            FetchQueue::new(&consumer).ok_or_else(|| Error::Internal("librdkafka could not create a queue".into()))?,
         );
         *lock(&consumer.context().fetch) = Some(fetch.clone());
         let consumer = Arc::new(consumer);

@@ -16,6 +16,7 @@ MODULES = [
     "fastconsume",
     "fastconsume._app",
     "fastconsume._durations",
+    "fastconsume._process",
     "fastconsume.errors",
     "fastconsume.testing",
 ]
