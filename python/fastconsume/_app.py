@@ -140,7 +140,8 @@ class App:
             name: Names the plugin in stats and errors; defaults to the function's name.
             batch_size: The most messages one call receives. A call holds messages of one
                 partition, in offset order.
-            linger: How long a batch may wait to fill once it holds a message.
+            linger: How long a batch may wait to fill once it holds a message. Batches are
+                formed once for all plugins, so the smallest linger of all plugins applies.
             concurrency: Calls in flight at once, each on a different partition.
             max_queued: Messages waiting or running in the lane before fetching pauses; it
                 resumes once half have been handled.
