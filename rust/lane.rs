@@ -40,12 +40,6 @@ struct PartitionQueue {
     busy: bool,
 }
 
-/// Why a lane does not admit a batch now.
-#[derive(Debug, PartialEq, Eq)]
-pub enum Refusal {
-    Full,
-}
-
 #[derive(Debug)]
 pub struct Lane {
     pub options: LaneOptions,
@@ -77,27 +71,27 @@ impl Lane {
         self.stats.queued as usize
     }
 
-    /// Whether the lane takes `batch` now. An empty lane takes any batch, so one larger than
-    /// the bounds still makes progress.
-    pub fn check_admit(&mut self, batch: &Batch) -> Result<(), Refusal> {
+    /// Whether the lane takes `batch` now; a refusal marks it full. An empty lane takes any
+    /// batch, so one larger than the bounds still makes progress.
+    pub fn admits(&mut self, batch: &Batch) -> bool {
         if self.outstanding() == 0 {
             self.full = false;
-            return Ok(());
+            return true;
         }
         if self.full
             && (self.outstanding() > self.options.max_queued / 2
                 || self.outstanding_bytes > self.options.max_queued_bytes / 2)
         {
-            return Err(Refusal::Full);
+            return false;
         }
         self.full = false;
         if self.outstanding() + batch.len() > self.options.max_queued
             || self.outstanding_bytes + batch.byte_len() > self.options.max_queued_bytes
         {
             self.full = true;
-            return Err(Refusal::Full);
+            return false;
         }
-        Ok(())
+        true
     }
 
     /// Queues `batch` in slices of the lane's batch size.
@@ -273,17 +267,17 @@ mod tests {
         let mut tracker = OffsetTracker::default();
         let mut l = lane(10, 1, 20);
         let b1 = batch(0, 0, 10);
-        l.check_admit(&b1).expect("empty lane admits");
+        assert!(l.admits(&b1), "an empty lane admits");
         l.push(&b1, id(&mut tracker, &b1));
         let b2 = batch(0, 10, 10);
-        l.check_admit(&b2).expect("fits exactly");
+        assert!(l.admits(&b2), "fits exactly");
         l.push(&b2, tracker.track(b2.partition(), 19, 1).expect("assigned"));
         let b3 = batch(0, 20, 1);
-        assert_eq!(l.check_admit(&b3), Err(Refusal::Full));
+        assert!(!l.admits(&b3), "full");
         let c = l.take().expect("ready");
         l.finish(&c); // 10 left: at half, so it admits again
         assert_eq!(l.stats.queued, 10);
-        assert_eq!(l.check_admit(&b3), Ok(()));
+        assert!(l.admits(&b3), "admits again at half");
         assert_eq!(l.stats.queued_peak, 20);
     }
 

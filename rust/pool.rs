@@ -333,7 +333,7 @@ impl<E: Send> Intake for Pool<E> {
         let mut refused = false;
         for lane in &mut state.lanes {
             // Every lane is asked, so each full one records that it is full.
-            refused |= lane.check_admit(&batch).is_err();
+            refused |= !lane.admits(&batch);
         }
         if refused {
             return Err(batch);
