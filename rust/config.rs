@@ -20,8 +20,8 @@ const OWNED_PROPERTIES: [(&str, &str); 4] = [
 const DEFAULT_PROPERTIES: [(&str, &str); 2] = [
     // A fan-out consumer that joins late should still see the topic's history.
     ("auto.offset.reset", "earliest"),
-    // Commit stored offsets once a second in the background; revoke and shutdown commit
-    // synchronously on top of this.
+    // How often stored offsets are committed (by fastconsume's timer wheel, not librdkafka's
+    // auto-commit timer); revoke and shutdown commit synchronously on top of this.
     ("auto.commit.interval.ms", "1000"),
 ];
 
@@ -75,8 +75,17 @@ impl SourceConfig {
             .set("bootstrap.servers", &self.bootstrap)
             .set("group.id", &self.group)
             .set("enable.auto.offset.store", "false")
-            .set("enable.auto.commit", "true");
+            .set("enable.auto.commit", "false");
         config
+    }
+
+    /// How long after an offset is stored it is committed: `auto.commit.interval.ms`.
+    pub fn commit_interval(&self) -> Duration {
+        let ms = self.kafka.iter().rev().find(|(name, _)| name == "auto.commit.interval.ms").map_or_else(
+            || DEFAULT_PROPERTIES.iter().find(|(name, _)| *name == "auto.commit.interval.ms").map(|(_, v)| *v),
+            |(_, value)| Some(value.as_str()),
+        );
+        Duration::from_millis(ms.and_then(|ms| ms.trim().parse().ok()).unwrap_or(1000))
     }
 }
 

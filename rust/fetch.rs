@@ -58,10 +58,17 @@ impl FetchQueue {
     /// `limit` in all. (librdkafka's batch call alone waits until it has `limit` messages,
     /// which would hold the first one back past its linger.)
     pub fn take(&self, timeout: Duration, limit: usize, into: &mut Vec<RawMessage>) {
-        let timeout_ms = i32::try_from(timeout.as_millis()).unwrap_or(i32::MAX);
+        // Rounded up: a wait shorter than a millisecond must not become a non-blocking poll.
+        let timeout_ms = i32::try_from(timeout.as_micros().div_ceil(1000)).unwrap_or(i32::MAX);
         if self.take_some(timeout_ms, 1, into) == 1 && limit > 1 {
             self.take_some(0, limit - 1, into);
         }
+    }
+
+    /// Wakes a `take` waiting on this queue, or makes the next one return at once.
+    pub fn wake(&self) {
+        // SAFETY: the queue is alive for the borrow; yielding only sets a flag and signals.
+        unsafe { rd::rd_kafka_queue_yield(self.queue.as_ptr()) }
     }
 
     fn take_some(&self, timeout_ms: i32, limit: usize, into: &mut Vec<RawMessage>) -> usize {

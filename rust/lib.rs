@@ -5,16 +5,19 @@
 
 pub mod batch;
 pub mod config;
+pub mod dlq;
 pub mod engine;
 pub mod errors;
 pub mod fetch;
 pub mod lane;
+pub mod limit;
 pub mod mock;
 pub mod offsets;
 pub mod pool;
 pub mod seed;
 pub mod source;
 pub mod stats;
+pub mod timer;
 
 mod py;
 

@@ -1,30 +1,60 @@
-//! The pool: every lane, the offset tracker, and the workers' parking spot, under one lock
-//! taken a few times per batch (never per message). Workers sleep on `work` until a lane has
-//! a call ready; the engine and revokes sleep on `progress` until calls finish.
+//! The pool: every lane, the offset tracker, the timer wheel and the workers' parking spot,
+//! under one lock taken a few times per batch (never per message). Workers sleep on `work`
+//! until a lane has a call ready; the engine and revokes sleep on `progress` until calls
+//! finish.
+//!
+//! Time: every deadline (linger, call deadlines, retry backoff, rate-limit waits, commits)
+//! is an entry on the one wheel here. The source thread drives it between fetches; a wait
+//! for running calls (revoke, shutdown) drives it while it waits. Scheduling an entry
+//! earlier than the driver's next wake-up wakes it.
 //!
 //! Delivery: a batch's offset is stored only once every lane has finished it (see
-//! `offsets`); a failed call leaves its batch unfinished, so it is never stored.
+//! `offsets`): a call succeeded, or its failed messages were written to the lane's
+//! dead-letter topic and acknowledged. A failed call is retried for its lane alone.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError, Weak};
 use std::time::{Duration, Instant};
 
-use rdkafka::consumer::Consumer;
+use rdkafka::consumer::{CommitMode, Consumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 
 use crate::batch::{Batch, Partition};
-use crate::errors::Error;
-use crate::lane::{Chunk, Lane, LaneOptions};
+use crate::dlq::{DeadLetterInfo, DeadLetters};
+use crate::errors::{Error, Result as CoreResult};
+use crate::lane::{Chunk, Lane, LaneOptions, OnFailure, Take};
 use crate::offsets::OffsetTracker;
 use crate::source::{Intake, KafkaConsumer};
 use crate::stats::LaneStats;
+use crate::timer::{TimerKey, TimerWheel};
+
+/// What the pool needs to know of a failed call.
+pub trait CallFailure: Send {
+    /// Positions in the call's messages that failed, when the plugin named them; `None`
+    /// means all of them.
+    fn failed_positions(&self) -> Option<&[usize]>;
+    /// The error's type name, for dead-letter headers.
+    fn kind(&self) -> String;
+    /// The error's message, for dead-letter headers and logs.
+    fn detail(&self) -> String;
+}
+
+/// Cancels an asynchronous call (at its deadline).
+pub type Cancel = Box<dyn FnOnce() + Send>;
+
+/// Wakes the thread that drives the timer wheel.
+pub type Wake = Arc<dyn Fn() + Send + Sync>;
 
 /// One plugin call for a worker to make.
 #[derive(Debug)]
 pub struct Task {
     pub lane: usize,
     pub chunk: Chunk,
+    /// Identifies the call, to register a cancel handle for it.
+    pub call: u64,
+    pub deadline: Option<Instant>,
 }
 
 /// Why the engine should end the run, as far as the pool knows.
@@ -37,11 +67,68 @@ pub enum Ending<E> {
     SourceFailed(Error),
 }
 
+/// What a wheel entry is for.
+#[derive(Debug)]
+enum Timer {
+    /// A deadline of the source's own (linger, its rate limit, idleness): it only needs to
+    /// be awake, and looks at its state itself.
+    Source,
+    Retry {
+        lane: usize,
+        partition: Partition,
+    },
+    Deadline {
+        call: u64,
+    },
+    Unthrottle {
+        lane: usize,
+    },
+    Commit,
+}
+
+/// A call in flight, for its deadline.
+struct Call {
+    lane: usize,
+    deadline: Option<TimerKey>,
+    overdue: bool,
+    cancel: Option<Cancel>,
+    /// The partition and offsets, for the overrun log line.
+    what: String,
+}
+
+/// Work that timers left to do outside the lock: cancels may take the GIL, logs may too,
+/// and a commit calls librdkafka.
+#[derive(Default)]
+struct Fired {
+    cancels: Vec<Cancel>,
+    warnings: Vec<String>,
+    commit: bool,
+    ready: bool,
+}
+
+/// A dead-letter write to start once the lock is released.
+struct DeadLetterJob {
+    topic: String,
+    indexes: Vec<usize>,
+    info: DeadLetterInfo,
+    task: Task,
+}
+
+#[allow(clippy::struct_excessive_bools)] // independent flags of one run
 struct State<E> {
     lanes: Vec<Lane>,
     /// The lane to look at first, so that lanes take turns.
     next_lane: usize,
     tracker: OffsetTracker,
+    timers: TimerWheel<Timer>,
+    timers_peak: usize,
+    /// When the driver of the wheel plans to wake next; an earlier entry must wake it.
+    driver_wakes_at: Option<Instant>,
+    calls: HashMap<u64, Call>,
+    next_call: u64,
+    commit_timer: Option<TimerKey>,
+    /// The source holds batches a lane refused; wake it once a lane has room again.
+    source_waits_for_room: bool,
     /// Workers exit once this is set and they are idle.
     closed: bool,
     /// No new batches are admitted.
@@ -49,8 +136,9 @@ struct State<E> {
     source_idle: bool,
     source_error: Option<Error>,
     failure: Option<E>,
-    /// Next offset fetched and last committed offset, per partition.
+    /// Next offset fetched, last stored and last committed offset, per partition.
     positions: Vec<(Partition, i64)>,
+    stored: Vec<(Partition, i64)>,
     committed: Vec<(Partition, i64)>,
     /// High watermarks of revoked partitions, as last seen.
     high_watermarks: Vec<(Partition, i64)>,
@@ -64,6 +152,11 @@ pub struct Pool<E> {
     progress: Condvar,
     stop: Arc<AtomicBool>,
     consumer: Mutex<Weak<KafkaConsumer>>,
+    wake_source: Mutex<Option<Wake>>,
+    dead_letters: Option<Arc<DeadLetters>>,
+    commit_interval: Duration,
+    /// Itself, for dead-letter acknowledgements that arrive on librdkafka's thread.
+    this: Weak<Pool<E>>,
 }
 
 /// What `stats()` reports.
@@ -72,6 +165,8 @@ pub struct Snapshot {
     pub lanes: Vec<(String, LaneStats, LaneOptions)>,
     pub partitions: Vec<PartitionSnapshot>,
     pub admitted: u64,
+    pub timers: usize,
+    pub timers_peak: usize,
 }
 
 #[derive(Clone, Debug)]
@@ -105,19 +200,49 @@ fn store(consumer: &KafkaConsumer, partition: &Partition, offset: i64) {
     }
 }
 
-impl<E: Send> Pool<E> {
-    pub fn new(lanes: Vec<LaneOptions>, stop: Arc<AtomicBool>) -> Self {
-        Pool {
+/// Names the partition and offsets of a chunk, for logs and errors.
+pub fn describe(batch: &Batch, indexes: &[usize]) -> String {
+    let partition = batch.partition();
+    let (Some(&first), Some(&last)) = (indexes.first(), indexes.last()) else {
+        return format!("no messages of {}[{}]", partition.topic, partition.partition);
+    };
+    format!(
+        "{} message(s) of {}[{}] offsets {}..={}",
+        indexes.len(),
+        partition.topic,
+        partition.partition,
+        batch.get(first).offset,
+        batch.get(last).offset
+    )
+}
+
+impl<E: CallFailure + 'static> Pool<E> {
+    pub fn new(
+        lanes: Vec<LaneOptions>,
+        stop: Arc<AtomicBool>,
+        dead_letters: Option<Arc<DeadLetters>>,
+        commit_interval: Duration,
+    ) -> CoreResult<Arc<Self>> {
+        let lanes = lanes.into_iter().map(Lane::new).collect::<CoreResult<Vec<_>>>()?;
+        Ok(Arc::new_cyclic(|this| Pool {
             state: Mutex::new(State {
-                lanes: lanes.into_iter().map(Lane::new).collect(),
+                lanes,
                 next_lane: 0,
                 tracker: OffsetTracker::default(),
+                timers: TimerWheel::new(Instant::now()),
+                timers_peak: 0,
+                driver_wakes_at: None,
+                calls: HashMap::new(),
+                next_call: 0,
+                commit_timer: None,
+                source_waits_for_room: false,
                 closed: false,
                 intake_closed: false,
                 source_idle: false,
                 source_error: None,
                 failure: None,
                 positions: Vec::new(),
+                stored: Vec::new(),
                 committed: Vec::new(),
                 high_watermarks: Vec::new(),
                 admitted: 0,
@@ -126,7 +251,16 @@ impl<E: Send> Pool<E> {
             progress: Condvar::new(),
             stop,
             consumer: Mutex::new(Weak::new()),
-        }
+            wake_source: Mutex::new(None),
+            dead_letters,
+            commit_interval,
+            this: this.clone(),
+        }))
+    }
+
+    /// The pool itself, shared, for completions that arrive from other threads.
+    pub fn shared(&self) -> Option<Arc<Self>> {
+        self.this.upgrade()
     }
 
     /// A poisoned lock means a panic already failed the run; each critical section leaves
@@ -154,11 +288,129 @@ impl<E: Send> Pool<E> {
         self.stop.load(Ordering::Acquire)
     }
 
-    /// Asks the run to end; wakes the engine.
+    /// Asks the run to end; wakes the engine and the source.
     pub fn request_stop(&self) {
         self.stop.store(true, Ordering::Release);
-        let _state = self.lock();
+        drop(self.lock());
         self.progress.notify_all();
+        self.wake_source();
+    }
+
+    fn wake_source(&self) {
+        let wake = self.wake_source.lock().unwrap_or_else(PoisonError::into_inner).clone();
+        if let Some(wake) = wake {
+            wake();
+        }
+    }
+
+    // --- the timer wheel ---------------------------------------------------------------
+
+    /// Puts an entry on the wheel. Returns whether the driver must be woken (after the lock
+    /// is released) because the entry is due before it planned to wake.
+    fn schedule(state: &mut State<E>, at: Instant, timer: Timer) -> (TimerKey, bool) {
+        let key = state.timers.insert(at, timer);
+        state.timers_peak = state.timers_peak.max(state.timers.len());
+        let earlier = state.driver_wakes_at.is_none_or(|planned| at < planned);
+        if earlier {
+            state.driver_wakes_at = Some(at);
+        }
+        (key, earlier)
+    }
+
+    fn wake_driver(&self) {
+        self.progress.notify_all();
+        self.wake_source();
+    }
+
+    /// Fires the entries due at `now`; what must happen outside the lock is returned.
+    fn fire(state: &mut State<E>, now: Instant) -> Fired {
+        let mut due = Vec::new();
+        state.timers.expire(now, &mut due);
+        let mut fired = Fired::default();
+        for timer in due {
+            match timer {
+                Timer::Source => {}
+                Timer::Retry { lane, partition } => {
+                    state.lanes[lane].retry_due(&partition);
+                    fired.ready |= state.lanes[lane].has_ready();
+                }
+                Timer::Unthrottle { lane } => {
+                    state.lanes[lane].unthrottle();
+                    fired.ready |= state.lanes[lane].has_ready();
+                }
+                Timer::Commit => {
+                    state.commit_timer = None;
+                    fired.commit = true;
+                }
+                Timer::Deadline { call } => {
+                    let Some(call) = state.calls.get_mut(&call) else { continue };
+                    call.deadline = None;
+                    call.overdue = true;
+                    let lane = &mut state.lanes[call.lane];
+                    if let Some(cancel) = call.cancel.take() {
+                        lane.stats.timeouts += 1;
+                        fired.cancels.push(cancel);
+                    } else {
+                        lane.stats.overruns += 1;
+                        fired.warnings.push(format!(
+                            "plugin {:?} is past its timeout of {:?} on {}; its result will still count",
+                            lane.options.name,
+                            lane.options.timeout.unwrap_or_default(),
+                            call.what
+                        ));
+                    }
+                }
+            }
+        }
+        state.driver_wakes_at = state.timers.next_deadline();
+        fired
+    }
+
+    /// Does what fired timers left to do, outside the lock.
+    fn finish_firing(&self, fired: Fired) {
+        for warning in fired.warnings {
+            log::warn!("{warning}");
+        }
+        for cancel in fired.cancels {
+            cancel();
+        }
+        if fired.commit {
+            if let Some(consumer) = self.consumer() {
+                match consumer.commit_consumer_state(CommitMode::Async) {
+                    Ok(()) | Err(KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset)) => {}
+                    Err(e) => log::warn!("commit failed: {e}"),
+                }
+            }
+        }
+        if fired.ready {
+            self.work.notify_all();
+        }
+    }
+
+    /// Fires due timers and returns when the wheel is next due (`None`: empty). The source
+    /// calls this once per turn of its poll loop and sleeps until then at most.
+    pub fn drive_timers(&self, now: Instant) -> Option<Instant> {
+        let mut state = self.lock();
+        let fired = Self::fire(&mut state, now);
+        let next = state.timers.next_deadline();
+        drop(state);
+        self.finish_firing(fired);
+        next
+    }
+
+    /// Waits on `progress` until `until` at most, firing timers that fall due meanwhile.
+    /// Returns the lock for the caller to re-check its condition.
+    fn wait_progress<'a>(&'a self, mut state: MutexGuard<'a, State<E>>, until: Instant) -> MutexGuard<'a, State<E>> {
+        let now = Instant::now();
+        let fired = Self::fire(&mut state, now);
+        if fired.commit || fired.ready || !fired.cancels.is_empty() || !fired.warnings.is_empty() {
+            drop(state);
+            self.finish_firing(fired);
+            return self.lock();
+        }
+        let wake = state.timers.next_deadline().map_or(until, |next| next.min(until));
+        let left = wake.saturating_duration_since(now);
+        self.progress.wait_timeout(state, left).unwrap_or_else(PoisonError::into_inner).0
     }
 
     // --- the workers' side -------------------------------------------------------------
@@ -175,61 +427,274 @@ impl<E: Send> Pool<E> {
                 state = self.work.wait(state).unwrap_or_else(PoisonError::into_inner);
                 continue;
             }
+            let mut wake = false;
             let count = state.lanes.len();
             for i in 0..count {
                 let index = (state.next_lane + i) % count;
-                if let Some(chunk) = state.lanes[index].take() {
-                    state.next_lane = (index + 1) % count;
-                    return Some(Task { lane: index, chunk });
+                match state.lanes[index].take() {
+                    Take::Call(chunk) => {
+                        state.next_lane = (index + 1) % count;
+                        let task = Self::start_call(&mut state, index, chunk, &mut wake);
+                        drop(state);
+                        if wake {
+                            self.wake_driver();
+                        }
+                        return Some(task);
+                    }
+                    Take::Throttled(until) => {
+                        wake |= Self::schedule(&mut state, until, Timer::Unthrottle { lane: index }).1;
+                    }
+                    Take::Nothing => {}
                 }
+            }
+            if wake {
+                drop(state);
+                self.wake_driver();
+                state = self.lock();
+                continue;
             }
             state = self.work.wait(state).unwrap_or_else(PoisonError::into_inner);
         }
     }
 
+    fn start_call(state: &mut State<E>, lane: usize, chunk: Chunk, wake: &mut bool) -> Task {
+        let call = state.next_call;
+        state.next_call += 1;
+        let deadline = state.lanes[lane].options.timeout.map(|timeout| Instant::now() + timeout);
+        let timer = deadline.map(|at| {
+            let (key, earlier) = Self::schedule(state, at, Timer::Deadline { call });
+            *wake |= earlier;
+            key
+        });
+        if timer.is_some() {
+            let what = describe(&chunk.batch, &chunk.indexes());
+            state.calls.insert(call, Call { lane, deadline: timer, overdue: false, cancel: None, what });
+        }
+        Task { lane, chunk, call, deadline }
+    }
+
+    /// An asynchronous call can be cancelled with `cancel` until it completes. If its
+    /// deadline has already passed, it is cancelled now.
+    pub fn cancel_with(&self, call: u64, cancel: Cancel) {
+        let mut state = self.lock();
+        let Some(record) = state.calls.get_mut(&call) else { return };
+        if !record.overdue {
+            record.cancel = Some(cancel);
+            return;
+        }
+        let lane = record.lane;
+        let counts = &mut state.lanes[lane].stats;
+        counts.overruns -= 1; // counted as an overrun when it fell due; it is a timeout
+        counts.timeouts += 1;
+        drop(state);
+        cancel();
+    }
+
     /// A call returned. On success, the batch is finished for this lane when its last
-    /// chunk is; the offset is stored once every lane finished it. A failure marks the batch
-    /// failed, drops the lane's waiting work on that partition, and ends the run.
+    /// chunk is; the offset is stored once every lane finished it. On failure the lane's
+    /// retry policy decides: retry after a backoff, dead-letter, or end the run.
     pub fn complete(&self, task: Task, outcome: Result<(), E>, took: Duration) {
         // Taken before the lock so that, if this is the last handle (shutdown racing a late
         // call), the consumer is dropped after the guard: dropping it runs callbacks that lock.
         let consumer = self.consumer();
-        let mut later_failure = None;
         let mut guard = self.lock();
         let state = &mut *guard;
-        let failed = outcome.is_err();
-        let partition = task.chunk.batch.partition();
+        if let Some(call) = state.calls.remove(&task.call) {
+            if let Some(key) = call.deadline {
+                state.timers.cancel(key);
+            }
+        }
         let lane = &mut state.lanes[task.lane];
-        lane.finish(&task.chunk);
         lane.stats.batches += 1;
-        lane.stats.messages += task.chunk.range.len() as u64;
-        lane.stats.errors += u64::from(failed);
+        lane.stats.messages += task.chunk.len() as u64;
         lane.stats.latency.record(took);
+        let mut wake = false;
+        let mut warning = None;
+        let mut dead_letter = None;
+        let mut dropped = None;
         match outcome {
-            Ok(()) if task.chunk.last => {
-                if let (Some(offset), Some(consumer)) = (state.tracker.complete(partition, task.chunk.id), &consumer) {
-                    // Under the lock, so a revoke cannot slip between the decision and the store.
-                    store(consumer, partition, offset);
+            Ok(()) => self.finish(state, consumer.as_ref(), &task, &mut wake),
+            Err(error) => {
+                state.lanes[task.lane].stats.errors += 1;
+                match self.failed(state, consumer.as_ref(), task, error, &mut wake) {
+                    Failed::Retrying(message) => warning = Some(message),
+                    Failed::DeadLetter(job, message) => {
+                        warning = Some(message);
+                        dead_letter = Some(job);
+                    }
+                    Failed::Stopping(second) => dropped = second,
                 }
             }
-            Ok(()) => {}
-            Err(error) => {
-                lane.drop_waiting(Some(std::slice::from_ref(partition)));
-                state.tracker.fail(partition, task.chunk.id);
-                if state.failure.is_none() {
-                    state.failure = Some(error);
-                } else {
-                    later_failure = Some(error); // the first one is reported
+        }
+        drop(guard);
+        drop(dropped); // outside the lock: it may hold Python objects
+        if let Some(warning) = warning {
+            log::warn!("{warning}");
+        }
+        if wake {
+            self.wake_driver();
+        }
+        if let Some(job) = dead_letter {
+            self.send_dead_letters(job);
+        }
+        self.work.notify_all();
+        self.progress.notify_all();
+    }
+
+    /// The lane is done with a task's chunk: its batch may be finished, and its offset
+    /// stored.
+    fn finish(&self, state: &mut State<E>, consumer: Option<&Arc<KafkaConsumer>>, task: &Task, wake: &mut bool) {
+        let lane = &mut state.lanes[task.lane];
+        lane.finish(&task.chunk);
+        if state.source_waits_for_room && lane.has_room_again() {
+            state.source_waits_for_room = false;
+            *wake = true;
+        }
+        if !task.chunk.last {
+            return;
+        }
+        let partition = task.chunk.batch.partition();
+        if let (Some(offset), Some(consumer)) = (state.tracker.complete(partition, task.chunk.id), consumer) {
+            // Under the lock, so a revoke cannot slip between the decision and the store.
+            store(consumer, partition, offset);
+            upsert(&mut state.stored, partition, offset);
+            if state.commit_timer.is_none() {
+                let (key, earlier) = Self::schedule(state, Instant::now() + self.commit_interval, Timer::Commit);
+                state.commit_timer = Some(key);
+                *wake |= earlier;
+            }
+        }
+    }
+
+    fn failed(
+        &self,
+        state: &mut State<E>,
+        consumer: Option<&Arc<KafkaConsumer>>,
+        task: Task,
+        error: E,
+        wake: &mut bool,
+    ) -> Failed<E> {
+        let chunk = &task.chunk;
+        // The messages that failed, as positions in the batch.
+        let failed: Vec<usize> = match error.failed_positions() {
+            Some(positions) => match positions.iter().map(|&p| chunk.index(p)).collect::<Option<Vec<_>>>() {
+                Some(mut indexes) => {
+                    indexes.sort_unstable();
+                    indexes.dedup();
+                    indexes
                 }
+                None => chunk.indexes(), // a position out of range: take it all as failed
+            },
+            None => chunk.indexes(),
+        };
+        let lane = &state.lanes[task.lane];
+        let (name, policy) = (lane.options.name.clone(), lane.options.retry.clone());
+        if failed.is_empty() {
+            // The plugin named no failed message: the call succeeded.
+            self.finish(state, consumer, &task, wake);
+            return Failed::Retrying(format!("plugin {name:?} reported a partial failure of no message"));
+        }
+        let what = describe(&chunk.batch, &failed);
+        let attempt = chunk.attempt;
+        let cause = format!("{}: {}", error.kind(), error.detail());
+        if policy.retries_after(attempt) {
+            let backoff = policy.backoff(attempt);
+            let partition = chunk.batch.partition().clone();
+            let (key, earlier) =
+                Self::schedule(state, Instant::now() + backoff, Timer::Retry { lane: task.lane, partition });
+            *wake |= earlier;
+            let subset = (failed.len() < chunk.len() || chunk.subset.is_some())
+                .then(|| failed.iter().map(|&i| i as u32).collect::<Arc<[u32]>>());
+            let retry = Chunk {
+                batch: chunk.batch.clone(),
+                id: chunk.id,
+                range: chunk.range.clone(),
+                subset,
+                last: chunk.last,
+                attempt: attempt + 1,
+            };
+            let lane = &mut state.lanes[task.lane];
+            lane.stats.retry_wait += backoff;
+            lane.retry_later(chunk, retry, key);
+            let of = if policy.on_failure == OnFailure::RetryForever {
+                String::new()
+            } else {
+                format!(" of {}", policy.retries + 1)
+            };
+            return Failed::Retrying(format!(
+                "plugin {name:?} failed on {what} (attempt {attempt}{of}): {cause}; retrying in {:.3} s",
+                backoff.as_secs_f64()
+            ));
+        }
+        if let (OnFailure::DeadLetter(topic), Some(_)) = (&policy.on_failure, &self.dead_letters) {
+            let message = format!(
+                "plugin {name:?} failed on {what} after {attempt} attempt(s): {cause}; writing them to {topic:?}"
+            );
+            let info = DeadLetterInfo {
+                plugin: name,
+                error_type: error.kind(),
+                error_message: error.detail(),
+                attempts: attempt,
+            };
+            let job = DeadLetterJob { topic: topic.clone(), indexes: failed, info, task };
+            return Failed::DeadLetter(Box::new(job), message);
+        }
+        // Stop: the batch is never stored, and the run ends with the error.
+        let partition = task.chunk.batch.partition().clone();
+        let lane = &mut state.lanes[task.lane];
+        lane.finish(&task.chunk);
+        for key in lane.drop_waiting(Some(std::slice::from_ref(&partition))) {
+            state.timers.cancel(key);
+        }
+        state.tracker.fail(&partition, task.chunk.id);
+        self.stop.store(true, Ordering::Release);
+        if state.failure.is_none() {
+            state.failure = Some(error);
+            Failed::Stopping(None)
+        } else {
+            Failed::Stopping(Some(error)) // the first one is reported
+        }
+    }
+
+    fn send_dead_letters(&self, job: Box<DeadLetterJob>) {
+        let Some(dead_letters) = &self.dead_letters else { return };
+        let pool = self.this.clone();
+        let DeadLetterJob { topic, indexes, info, task } = *job;
+        let count = indexes.len() as u64;
+        let batch = task.chunk.batch.clone();
+        let done = Box::new(move |result: CoreResult<()>| {
+            if let Some(pool) = pool.upgrade() {
+                pool.dead_lettered(task, count, result);
+            }
+        });
+        dead_letters.send(&topic, &batch, &indexes, &info, done);
+    }
+
+    /// A dead-letter write finished: acknowledged, the messages count as done; failed, the
+    /// batch is never stored and the run ends with the error.
+    fn dead_lettered(&self, task: Task, count: u64, result: CoreResult<()>) {
+        let consumer = self.consumer();
+        let mut guard = self.lock();
+        let state = &mut *guard;
+        let mut wake = false;
+        match result {
+            Ok(()) => {
+                state.lanes[task.lane].stats.dead_lettered += count;
+                self.finish(state, consumer.as_ref(), &task, &mut wake);
+            }
+            Err(error) => {
+                let partition = task.chunk.batch.partition().clone();
+                state.lanes[task.lane].finish(&task.chunk);
+                state.tracker.fail(&partition, task.chunk.id);
+                state.source_error.get_or_insert(error);
                 self.stop.store(true, Ordering::Release);
             }
         }
-        let more_ready = state.lanes[task.lane].has_ready();
         drop(guard);
-        drop(later_failure); // outside the lock: it may hold Python objects
-        if more_ready {
-            self.work.notify_one();
+        if wake {
+            self.wake_driver();
         }
+        self.work.notify_all();
         self.progress.notify_all();
     }
 
@@ -255,23 +720,28 @@ impl<E: Send> Pool<E> {
         }
     }
 
-    /// Stops admitting, drops waiting work, and waits up to `timeout` for running calls.
-    /// Returns whether every call finished. A failure that arrives meanwhile is returned.
+    /// Stops admitting, drops waiting work, and waits up to `timeout` for running calls
+    /// (dead-letter writes included). Returns whether every call finished. A failure that
+    /// arrives meanwhile is returned.
     pub fn drain(&self, timeout: Duration) -> (bool, Option<E>) {
         let mut state = self.lock();
         state.intake_closed = true;
-        for lane in &mut state.lanes {
-            lane.drop_waiting(None);
-        }
         let deadline = Instant::now() + timeout;
-        while state.lanes.iter().any(|l| l.running() > 0) {
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
+        loop {
+            let state_ref = &mut *state;
+            for lane in &mut state_ref.lanes {
+                for key in lane.drop_waiting(None) {
+                    state_ref.timers.cancel(key);
+                }
+            }
+            if state.lanes.iter().all(|l| l.running() == 0) {
+                return (true, state.failure.take());
+            }
+            if Instant::now() >= deadline {
                 return (false, state.failure.take());
             }
-            state = self.progress.wait_timeout(state, left).unwrap_or_else(PoisonError::into_inner).0;
+            state = self.wait_progress(state, deadline);
         }
-        (true, state.failure.take())
     }
 
     /// Lets the workers exit.
@@ -310,18 +780,29 @@ impl<E: Send> Pool<E> {
             lanes: state.lanes.iter().map(|l| (l.options.name.clone(), l.stats.clone(), l.options.clone())).collect(),
             partitions,
             admitted: state.admitted,
+            timers: state.timers.len(),
+            timers_peak: state.timers_peak,
         }
     }
 }
 
-impl<E: Send> Intake for Pool<E> {
+/// How `failed` resolved a failure.
+enum Failed<E> {
+    /// Scheduled again (or nothing failed); the message is logged.
+    Retrying(String),
+    DeadLetter(Box<DeadLetterJob>, String),
+    /// The run ends; a failure after the first is handed back to be dropped.
+    Stopping(Option<E>),
+}
+
+impl<E: CallFailure + 'static> Intake for Pool<E> {
     fn assign(&self, partitions: Vec<Partition>) {
         self.lock().tracker.assign(partitions);
     }
 
     /// Offers a sealed batch to every lane. `Err` gives it back when a lane is full: the
-    /// source holds it and pauses its partition. A batch of a partition no longer assigned
-    /// is dropped.
+    /// source holds it and pauses its partition, and is woken once the lane has room. A
+    /// batch of a partition no longer assigned is dropped.
     fn submit(&self, batch: Arc<Batch>) -> Result<(), Arc<Batch>> {
         let mut state = self.lock();
         if state.intake_closed {
@@ -336,6 +817,7 @@ impl<E: Send> Intake for Pool<E> {
             refused |= !lane.admits(&batch);
         }
         if refused {
+            state.source_waits_for_room = true;
             return Err(batch);
         }
         let lanes = state.lanes.len() as u32;
@@ -360,21 +842,27 @@ impl<E: Send> Intake for Pool<E> {
     /// partitions are still assigned.
     fn revoke(&self, partitions: &[Partition], timeout: Duration) {
         let mut state = self.lock();
-        for lane in &mut state.lanes {
-            lane.drop_waiting(Some(partitions));
-        }
         // At shutdown the drain already waited for running calls; their results can no
         // longer be stored, so waiting again would only delay the close.
         let deadline = if state.intake_closed { Instant::now() } else { Instant::now() + timeout };
-        while state.lanes.iter().any(|l| l.running_on(partitions) > 0) {
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
+        loop {
+            let state_ref = &mut *state;
+            for lane in &mut state_ref.lanes {
+                for key in lane.drop_waiting(Some(partitions)) {
+                    state_ref.timers.cancel(key);
+                }
+            }
+            if state.lanes.iter().all(|l| l.running_on(partitions) == 0) {
+                break;
+            }
+            if Instant::now() >= deadline {
                 log::warn!("revoke: calls still running; their results will not be stored");
                 break;
             }
-            state = self.progress.wait_timeout(state, left).unwrap_or_else(PoisonError::into_inner).0;
+            state = self.wait_progress(state, deadline);
         }
         state.tracker.revoke(partitions);
+        drop(state);
         self.progress.notify_all();
     }
 
@@ -409,7 +897,33 @@ impl<E: Send> Intake for Pool<E> {
         }
     }
 
+    fn record_stored_committed(&self) {
+        let mut guard = self.lock();
+        let state = &mut *guard;
+        for (partition, offset) in &state.stored {
+            upsert(&mut state.committed, partition, *offset);
+        }
+    }
+
     fn stop_requested(&self) -> bool {
         Pool::stop_requested(self)
+    }
+
+    fn set_waker(&self, wake: Option<Wake>) {
+        *self.wake_source.lock().unwrap_or_else(PoisonError::into_inner) = wake;
+    }
+
+    fn schedule_wake(&self, at: Instant) -> TimerKey {
+        // The source schedules its own deadlines and sleeps until the wheel's next one right
+        // after, so it needs no waking.
+        Self::schedule(&mut self.lock(), at, Timer::Source).0
+    }
+
+    fn cancel_wake(&self, key: TimerKey) {
+        self.lock().timers.cancel(key);
+    }
+
+    fn drive_timers(&self, now: Instant) -> Option<Instant> {
+        Pool::drive_timers(self, now)
     }
 }

@@ -4,9 +4,17 @@
 //! again, and the partition resumed, once the lanes drain. Rebalance callbacks run on this
 //! thread, inside `poll`.
 //!
+//! This thread also drives the pool's timer wheel. It sleeps in librdkafka's queue wait
+//! until the wheel's next deadline, and is woken early by a message, by an event on the
+//! consumer queue (its non-empty callback), by a stop, or by an earlier wheel entry: each
+//! yields the fetch queue. The app's rate limit is charged here, once per take: while over
+//! budget the loop stops taking (it sleeps on an empty queue of its own instead), so
+//! librdkafka's fetchers stop once its prefetch queue is full, and fetching resumes at once,
+//! from memory, when the wheel says the budget is back.
+//!
 //! Delivery: at least once. Offsets are stored only for batches every lane finished, and
-//! committed by librdkafka's auto-commit, synchronously on revoke (before the partitions go)
-//! and at shutdown.
+//! committed from the wheel `auto.commit.interval.ms` after they are stored, synchronously on
+//! revoke (before the partitions go) and at shutdown.
 
 use std::collections::VecDeque;
 use std::ffi::CString;
@@ -24,15 +32,13 @@ use crate::batch::{Batch, BatchBuilder, Fetched, Partition};
 use crate::config::SourceConfig;
 use crate::errors::{Error, Result};
 use crate::fetch::{FetchQueue, RawMessage};
+use crate::limit::{Limiter, RateLimit};
+use crate::pool::Wake;
+use crate::timer::TimerKey;
 
-/// How long the poll loop may block before it looks at the stop flag and at held batches.
-/// librdkafka's wrapper cannot be woken from outside, so this bounds the stop and resume
-/// latency; it is the loop's only periodic wake-up and costs a few microseconds.
-const STOP_CHECK: Duration = Duration::from_millis(250);
-
-/// How often held batches are offered again while a lane is full. Short, so fetching
-/// resumes soon after the lane drains; it applies only while backpressure lasts.
-const HELD_RETRY: Duration = Duration::from_millis(20);
+/// The longest the poll loop sleeps. Every wake-up is event-driven, so this only bounds
+/// what a lost one could cost; once a second is nothing next to librdkafka's own threads.
+const MAX_SLEEP: Duration = Duration::from_secs(1);
 
 /// What the source needs from the pool (which is generic over the plugins' error type).
 pub trait Intake: Send + Sync {
@@ -40,6 +46,8 @@ pub trait Intake: Send + Sync {
     /// Drops waiting work of the partitions and waits, bounded, for their running calls.
     fn revoke(&self, partitions: &[Partition], timeout: Duration);
     fn record_committed(&self, offsets: &TopicPartitionList);
+    /// A synchronous commit of every stored offset succeeded.
+    fn record_stored_committed(&self);
     /// The last high watermarks seen of partitions about to be revoked, for stats.
     fn record_high_watermarks(&self, watermarks: Vec<(Partition, i64)>);
     /// Offers a batch; `Err` gives it back when a lane is full.
@@ -50,6 +58,31 @@ pub trait Intake: Send + Sync {
     fn source_idle(&self, idle: bool);
     fn source_failed(&self, error: Error);
     fn stop_requested(&self) -> bool;
+    /// How to wake the source when a wheel entry falls due before it planned to wake;
+    /// `None` once the source is gone.
+    fn set_waker(&self, wake: Option<Wake>);
+    /// Puts one of the source's own deadlines on the wheel (it is driving it, so it is not
+    /// woken for it).
+    fn schedule_wake(&self, at: Instant) -> TimerKey;
+    fn cancel_wake(&self, key: TimerKey);
+    /// Fires due wheel entries; returns when the wheel is next due.
+    fn drive_timers(&self, now: Instant) -> Option<Instant>;
+}
+
+/// Yields the queues the poll loop waits on, which wakes it. Cleared when the loop ends, so
+/// a late wake-up (from librdkafka's threads or a worker) touches no dead queue.
+#[derive(Default)]
+struct Waker {
+    queues: Mutex<Vec<Arc<FetchQueue>>>,
+}
+
+impl Waker {
+    fn wake(&self) {
+        let queues = lock(&self.queues).clone();
+        for queue in queues {
+            queue.wake();
+        }
+    }
 }
 
 /// How the source shapes batches and when it calls itself idle.
@@ -59,6 +92,8 @@ pub struct Shape {
     pub linger: Duration,
     pub idle_timeout: Option<Duration>,
     pub revoke_timeout: Duration,
+    /// The app's rate limit, charged per take.
+    pub rate_limit: Option<RateLimit>,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -113,7 +148,7 @@ impl ConsumerContext for SourceContext {
             // ours: with manual offset stores a commit after the revoke is too late
             // (librdkafka issue 4059).
             self.intake.revoke(&revoked, self.revoke_timeout);
-            commit_sync(consumer, "commit on revoke");
+            commit_sync(consumer, &*self.intake, "commit on revoke");
             log::info!("revoked {} partition(s)", revoked.len());
             lock(&self.revoked).extend(revoked);
         }
@@ -148,10 +183,12 @@ impl ConsumerContext for SourceContext {
 
 pub type KafkaConsumer = BaseConsumer<SourceContext>;
 
-/// Commits the stored offsets now. Nothing stored yet is not an error.
-pub fn commit_sync(consumer: &KafkaConsumer, what: &str) {
+/// Commits the stored offsets now, and tells `intake` they are committed (a synchronous
+/// commit runs no commit callback). Nothing stored yet is not an error.
+pub fn commit_sync(consumer: &KafkaConsumer, intake: &dyn Intake, what: &str) {
     match consumer.commit_consumer_state(CommitMode::Sync) {
-        Ok(()) | Err(KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset)) => {}
+        // No offset: everything stored was committed already.
+        Ok(()) | Err(KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset)) => intake.record_stored_committed(),
         Err(e) => log::warn!("{what} failed: {e}"),
     }
 }
@@ -192,8 +229,9 @@ impl Source {
             last_error: Mutex::default(),
             fetch: Mutex::default(),
         };
-        let consumer: KafkaConsumer =
+        let mut consumer: KafkaConsumer =
             config.client_config().create_with_context(context).map_err(|e| Error::kafka("create consumer", e))?;
+        let limiter = shape.rate_limit.map(Limiter::new).transpose()?;
         let started = Instant::now();
         if let Err(e) = consumer.fetch_metadata(Some(&config.topics[0]), config.connect_timeout) {
             return Err(Error::Connect {
@@ -209,8 +247,26 @@ impl Source {
             FetchQueue::new(&consumer).ok_or_else(|| Error::Internal("librdkafka could not create a queue".into()))?,
         );
         *lock(&consumer.context().fetch) = Some(fetch.clone());
+        // Nothing is forwarded here: the loop sleeps on it while the rate limit holds it back.
+        let throttled = Arc::new(
+            FetchQueue::new(&consumer).ok_or_else(|| Error::Internal("librdkafka could not create a queue".into()))?,
+        );
+        let waker = Arc::new(Waker::default());
+        *lock(&waker.queues) = vec![fetch.clone(), throttled.clone()];
+        // Events (rebalances, errors, commit results) arrive on the consumer queue, which the
+        // loop does not sleep on: its non-empty callback wakes the loop instead.
+        let on_event = waker.clone();
+        consumer.set_nonempty_callback(move || on_event.wake());
+        let on_timer = waker.clone();
+        intake.set_waker(Some(Arc::new(move || on_timer.wake())));
         let consumer = Arc::new(consumer);
         let poll = PollLoop {
+            waker,
+            throttled,
+            limiter,
+            uncharged: 0,
+            rate_timer: None,
+            idle_timer: None,
             consumer: consumer.clone(),
             fetch,
             raw: Vec::new(),
@@ -222,11 +278,14 @@ impl Source {
             paused: Vec::new(),
             last_message_at: Instant::now(),
         };
+        let intake_on_error = poll.intake.clone();
         let spawned = std::thread::Builder::new().name("fastconsume-source".into()).spawn(move || poll.run());
         match spawned {
             Ok(thread) => Ok(Source { consumer, thread }),
             Err(e) => {
-                lock(&consumer.context().fetch).take(); // the queue must go before the consumer
+                // The queue must go before the consumer.
+                intake_on_error.set_waker(None);
+                lock(&consumer.context().fetch).take();
                 Err(Error::Internal(format!("cannot start the source thread: {e}")))
             }
         }
@@ -246,10 +305,13 @@ impl Source {
 struct Ending {
     consumer: Arc<KafkaConsumer>,
     intake: Arc<dyn Intake>,
+    waker: Arc<Waker>,
 }
 
 impl Drop for Ending {
     fn drop(&mut self) {
+        self.intake.set_waker(None);
+        lock(&self.waker.queues).clear();
         lock(&self.consumer.context().fetch).take();
         if std::thread::panicking() {
             self.intake.source_failed(Error::Internal("the source thread panicked".into()));
@@ -261,6 +323,8 @@ impl Drop for Ending {
 struct Filling {
     builder: BatchBuilder,
     deadline: Option<Instant>,
+    /// The deadline's wheel entry.
+    timer: Option<TimerKey>,
     /// librdkafka's handle of the topic, for a lookup by pointer; 0 until seen.
     topic_handle: usize,
 }
@@ -280,11 +344,22 @@ struct PollLoop {
     held: VecDeque<Arc<Batch>>,
     paused: Vec<Partition>,
     last_message_at: Instant,
+    waker: Arc<Waker>,
+    /// An empty queue to sleep on while the rate limit holds fetching back.
+    throttled: Arc<FetchQueue>,
+    /// The app's rate limit; `uncharged` messages of `raw` wait to be charged until
+    /// `rate_timer` says the budget is back.
+    limiter: Option<Limiter>,
+    uncharged: usize,
+    rate_timer: Option<Instant>,
+    /// When the idle deadline's wheel entry falls due, if one is pending.
+    idle_timer: Option<Instant>,
 }
 
 impl PollLoop {
     fn run(mut self) {
-        let _ending = Ending { consumer: self.consumer.clone(), intake: self.intake.clone() };
+        let _ending =
+            Ending { consumer: self.consumer.clone(), intake: self.intake.clone(), waker: self.waker.clone() };
         if let Err(error) = self.fill() {
             self.intake.source_failed(error);
         }
@@ -300,15 +375,25 @@ impl PollLoop {
             let now = Instant::now();
             self.intake.source_idle(self.idle(now));
             self.serve_events()?;
-            let wait = self.wait(now);
+            self.arm_idle_timer(now);
+            let next_timer = self.intake.drive_timers(now);
+            let wait = next_timer.map_or(MAX_SLEEP, |at| at.saturating_duration_since(now)).min(MAX_SLEEP);
             let mut raw = std::mem::take(&mut self.raw);
-            self.fetch.take(wait, self.shape.batch_size, &mut raw);
-            if raw.iter().any(|m| m.error().is_none()) {
+            let before = raw.len();
+            if before == 0 {
+                self.fetch.take(wait, self.shape.batch_size, &mut raw);
+            } else {
+                self.throttled.take(wait, 1, &mut raw); // never holds a message: a sleep
+            }
+            if raw[before..].iter().any(|m| m.error().is_none()) {
                 self.last_message_at = Instant::now();
                 self.intake.source_idle(false); // before the engine can see empty lanes
             }
-            for message in raw.drain(..) {
-                self.take_raw(&message);
+            self.uncharged += raw.len() - before;
+            if self.charge() {
+                for message in raw.drain(..) {
+                    self.take_raw(&message);
+                }
             }
             self.raw = raw;
             let now = Instant::now();
@@ -356,7 +441,9 @@ impl PollLoop {
     fn push(&mut self, index: usize, message: &impl Fetched) {
         let filling = &mut self.filling[index];
         if filling.builder.is_empty() {
-            filling.deadline = Some(self.last_message_at + self.shape.linger);
+            let deadline = self.last_message_at + self.shape.linger;
+            filling.deadline = Some(deadline);
+            filling.timer = Some(self.intake.schedule_wake(deadline));
         }
         filling.builder.push(message);
         if filling.builder.len() >= self.shape.batch_size {
@@ -382,7 +469,12 @@ impl PollLoop {
                 index
             } else {
                 let partition = Partition { topic: Arc::from(topic), partition };
-                self.filling.push(Filling { builder: BatchBuilder::new(partition), deadline: None, topic_handle });
+                self.filling.push(Filling {
+                    builder: BatchBuilder::new(partition),
+                    deadline: None,
+                    timer: None,
+                    topic_handle,
+                });
                 self.filling.len() - 1
             }
         };
@@ -395,6 +487,9 @@ impl PollLoop {
     fn seal(&mut self, index: usize) {
         let filling = &mut self.filling[index];
         filling.deadline = None;
+        if let Some(key) = filling.timer.take() {
+            self.intake.cancel_wake(key);
+        }
         if filling.builder.is_empty() {
             return;
         }
@@ -469,10 +564,17 @@ impl PollLoop {
             if revoked.contains(filling.builder.partition()) {
                 filling.builder.clear();
                 filling.deadline = None;
+                if let Some(key) = filling.timer.take() {
+                    self.intake.cancel_wake(key);
+                }
                 filling.topic_handle = 0; // the handle may not outlive the assignment
             }
         }
         self.held.retain(|b| !revoked.contains(b.partition()));
+        // Taken but not yet charged to the rate limit: the new owner reads them again.
+        let before = self.raw.len();
+        self.raw.retain(|m| !revoked.iter().any(|p| p.partition == m.partition() && *p.topic == *m.topic()));
+        self.uncharged = self.uncharged.saturating_sub(before - self.raw.len());
         let (gone, kept): (Vec<_>, Vec<_>) =
             std::mem::take(&mut self.paused).into_iter().partition(|p| revoked.contains(p));
         for partition in &gone {
@@ -481,18 +583,38 @@ impl PollLoop {
         self.paused = kept;
     }
 
-    /// How long to block in `poll`: until the next linger deadline, at most `STOP_CHECK`
-    /// (`HELD_RETRY` while batches are held), and no later than the idle deadline.
-    fn wait(&self, now: Instant) -> Duration {
-        let mut wait = if self.held.is_empty() { STOP_CHECK } else { HELD_RETRY };
-        for deadline in self.filling.iter().filter_map(|f| f.deadline) {
-            wait = wait.min(deadline.saturating_duration_since(now));
+    /// Charges the app's rate limit for the messages taken and not yet charged, in parts
+    /// no larger than a batch. Returns whether all are charged; if not, a wheel entry wakes
+    /// the loop when the budget is back.
+    fn charge(&mut self) -> bool {
+        let Some(limiter) = &self.limiter else {
+            self.uncharged = 0;
+            return true;
+        };
+        while self.uncharged > 0 {
+            let part = self.uncharged.min(self.shape.batch_size.max(1));
+            match limiter.charge(part) {
+                Ok(()) => self.uncharged -= part,
+                Err(until) => {
+                    if self.rate_timer.is_none_or(|at| at <= Instant::now()) {
+                        self.intake.schedule_wake(until);
+                        self.rate_timer = Some(until);
+                    }
+                    return false;
+                }
+            }
         }
-        // Wake at the idle deadline, not again and again once it has passed.
-        if let Some(idle_at) = self.idle_deadline().filter(|&at| at > now) {
-            wait = wait.min(idle_at - now);
+        true
+    }
+
+    /// Keeps a wheel entry at the idle deadline (drain mode). The deadline moves with every
+    /// message, so the entry is moved only once it has fallen due, not per message.
+    fn arm_idle_timer(&mut self, now: Instant) {
+        let Some(at) = self.idle_deadline().filter(|&at| at > now) else { return };
+        if self.idle_timer.is_none_or(|armed| armed <= now) {
+            self.intake.schedule_wake(at);
+            self.idle_timer = Some(at);
         }
-        wait
     }
 
     /// When drain mode calls the source idle: `idle_timeout` after the later of the last
@@ -506,6 +628,7 @@ impl PollLoop {
     fn idle(&self, now: Instant) -> bool {
         self.idle_deadline().is_some_and(|at| now >= at)
             && self.held.is_empty()
+            && self.raw.is_empty()
             && self.filling.iter().all(|f| f.builder.is_empty())
     }
 }

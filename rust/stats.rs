@@ -76,6 +76,17 @@ pub struct LaneStats {
     pub queued: u64,
     pub queued_peak: u64,
     pub latency: Histogram,
+    /// Retries scheduled, and the backoff they waited in all.
+    pub retries: u64,
+    pub retry_wait: std::time::Duration,
+    /// Messages written to the dead-letter topic and acknowledged.
+    pub dead_lettered: u64,
+    /// Sync calls that ran past their deadline (their results still count).
+    pub overruns: u64,
+    /// Async calls cancelled at their deadline.
+    pub timeouts: u64,
+    /// Times the lane's rate limit held back a call.
+    pub throttled: u64,
 }
 
 #[cfg(test)]

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Protocol
 
-from confluent_kafka import Consumer, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Message, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from fastconsume.testing import MockCluster, produce
@@ -92,3 +93,39 @@ def committed(bootstrap: str, group: str, topic: str, partitions: int) -> list[i
 
 def new_group() -> str:
     return f"g-{uuid.uuid4().hex[:12]}"
+
+
+def read_topic(bootstrap: str, topic: str, partitions: int = 1, timeout: float = 30.0) -> list[Message]:
+    """Every message of ``topic`` from the beginning up to its end now (what a producer has had
+    acknowledged), read without a group commit; in offset order within each partition."""
+    consumer = Consumer(
+        {
+            "bootstrap.servers": bootstrap,
+            "group.id": new_group(),
+            "enable.auto.commit": False,
+            "enable.partition.eof": True,
+        }
+    )
+    try:
+        consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in range(partitions)])
+        messages: list[Message] = []
+        at_end: set[int] = set()
+        deadline = time.monotonic() + timeout
+        while len(at_end) < partitions:
+            if time.monotonic() > deadline:
+                raise AssertionError(
+                    f"reading {topic}: partitions {sorted(at_end)} of {partitions} at end after {timeout} s"
+                )
+            message = consumer.poll(0.5)
+            if message is None:
+                continue
+            error = message.error()
+            if error is None:
+                messages.append(message)
+            elif error.code() == KafkaError._PARTITION_EOF:
+                at_end.add(message.partition() or 0)
+            else:
+                raise AssertionError(f"reading {topic}: {error}")
+        return messages
+    finally:
+        consumer.close()

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 from ._app import App
 from ._core import Batch, Message, __version__
-from .errors import ConfigError, FastconsumeError, KafkaConnectionError, KafkaError, PluginError
+from ._plugins import RateLimit
+from .errors import ConfigError, FastconsumeError, KafkaConnectionError, KafkaError, PartialFailure, PluginError
 
 __all__ = [
     "App",
@@ -24,6 +25,8 @@ __all__ = [
     "KafkaConnectionError",
     "KafkaError",
     "Message",
+    "PartialFailure",
     "PluginError",
+    "RateLimit",
     "__version__",
 ]

@@ -6,22 +6,26 @@ import signal
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
-from dataclasses import replace
 from types import FrameType
 from typing import Any, TypeVar, overload
 
 from . import _core
 from ._durations import Duration, seconds
 from ._plugins import (
+    DEFAULT_BACKOFF,
     DEFAULT_BATCH_SIZE,
     DEFAULT_CONCURRENCY,
     DEFAULT_LINGER,
     DEFAULT_MAX_QUEUED,
     DEFAULT_MAX_QUEUED_BYTES,
+    DEFAULT_RETRIES,
     AsyncLoop,
+    OnFailure,
     Plugin,
     PluginFunc,
+    RateLimit,
     make_plugin,
+    rate_limit_of,
 )
 from ._process import process_stats
 from .errors import ConfigError
@@ -61,9 +65,13 @@ class App:
             ``enable.auto.offset.store`` itself.
         connect_timeout: How long ``run()`` waits for the brokers before raising
             :class:`~fastconsume.errors.KafkaConnectionError`.
-        workers: Worker threads calling plugins. The default is the sum of the plugins'
-            ``concurrency``, so a slow plugin never waits for a thread another one holds;
-            idle workers sleep, so they cost nothing.
+        rate_limit: Messages per second for the whole app, or a :class:`RateLimit` with a
+            burst. Charged once per fetched batch; while over budget, fetching pauses until
+            the budget is back.
+        workers: Worker threads calling plugins. The default is the sum of the sync plugins'
+            ``concurrency``, plus one if any plugin is async (async calls run on one event
+            loop and hold no worker while they wait), so a slow plugin never waits for a
+            thread another one holds; idle workers sleep, so they cost nothing.
         shutdown_timeout: How long a stop waits for running plugin calls; their results are
             not committed if they do not return in time.
         revoke_timeout: How long a rebalance waits for running calls on the partitions it
@@ -78,6 +86,7 @@ class App:
         *,
         kafka: Mapping[str, object] | None = None,
         connect_timeout: Duration = DEFAULT_CONNECT_TIMEOUT,
+        rate_limit: float | RateLimit | None = None,
         workers: int | None = None,
         shutdown_timeout: Duration = DEFAULT_SHUTDOWN_TIMEOUT,
         revoke_timeout: Duration = DEFAULT_REVOKE_TIMEOUT,
@@ -95,6 +104,7 @@ class App:
         if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
             raise ConfigError(f"workers must be a positive integer, got {workers!r}")
         self._workers = workers
+        self._rate_limit = rate_limit_of(rate_limit)
         self._shutdown_timeout = seconds(shutdown_timeout, "shutdown_timeout")
         self._revoke_timeout = seconds(revoke_timeout, "revoke_timeout")
         self._plugins: list[Plugin] = []
@@ -117,6 +127,12 @@ class App:
         concurrency: int = DEFAULT_CONCURRENCY,
         max_queued: int = DEFAULT_MAX_QUEUED,
         max_queued_bytes: int = DEFAULT_MAX_QUEUED_BYTES,
+        timeout: Duration | None = None,
+        rate_limit: float | RateLimit | None = None,
+        retries: int = DEFAULT_RETRIES,
+        backoff: tuple[Duration, Duration] = DEFAULT_BACKOFF,
+        dlq: str | None = None,
+        on_failure: OnFailure | None = None,
     ) -> Callable[[F], F]: ...
 
     def plugin(
@@ -129,6 +145,12 @@ class App:
         concurrency: int = DEFAULT_CONCURRENCY,
         max_queued: int = DEFAULT_MAX_QUEUED,
         max_queued_bytes: int = DEFAULT_MAX_QUEUED_BYTES,
+        timeout: Duration | None = None,
+        rate_limit: float | RateLimit | None = None,
+        retries: int = DEFAULT_RETRIES,
+        backoff: tuple[Duration, Duration] = DEFAULT_BACKOFF,
+        dlq: str | None = None,
+        on_failure: OnFailure | None = None,
     ) -> F | Callable[[F], F]:
         """Registers a plugin: a callable, sync or ``async``, that takes a :class:`Batch`.
 
@@ -146,6 +168,22 @@ class App:
             max_queued: Messages waiting or running in the lane before fetching pauses; it
                 resumes once half have been handled.
             max_queued_bytes: The same bound in payload bytes.
+            timeout: Each call's deadline, which the plugin reads as ``batch.deadline`` and
+                ``batch.remaining()``. An async call is cancelled at it, which counts as a
+                failure; a sync call that overruns is counted (``overruns``) and logged, and
+                its result still counts.
+            rate_limit: Messages per second handed to this plugin (a number or a
+                :class:`RateLimit`), charged once per call.
+            retries: How many times a failed call is retried, after a backoff, for this
+                plugin alone; the others go on. The partition's later messages wait for it.
+            backoff: The first and the largest wait between attempts; it doubles each time,
+                with jitter.
+            dlq: A dead-letter topic. Messages whose retries run out are written there with
+                headers naming the plugin, the error and the original position; they count as
+                done once the write is acknowledged.
+            on_failure: What happens when retries run out: ``"dead_letter"`` (the default
+                with ``dlq``), ``"retry"`` (retry forever), or ``"stop"`` (the default
+                without ``dlq``: the run ends with :class:`~fastconsume.errors.PluginError`).
         """
 
         def register(f: F) -> F:
@@ -157,6 +195,12 @@ class App:
                 concurrency=concurrency,
                 max_queued=max_queued,
                 max_queued_bytes=max_queued_bytes,
+                timeout=timeout,
+                rate_limit=rate_limit,
+                retries=retries,
+                backoff=backoff,
+                dlq=dlq,
+                on_failure=on_failure,
             )
             if any(p.name == plugin.name for p in self._plugins):
                 raise ConfigError(f"a plugin named {plugin.name!r} is already registered; pass name=...")
@@ -179,18 +223,23 @@ class App:
             raise ConfigError("register at least one plugin before run()")
         idle = None if idle_timeout is None else seconds(idle_timeout, "idle_timeout")
         linger = min(p.linger for p in self._plugins)
-        workers = self._workers if self._workers is not None else sum(p.concurrency for p in self._plugins)
+        rate_limit = self._rate_limit
+        if rate_limit is not None:
+            rate_limit = rate_limit.resolved(max(p.batch_size for p in self._plugins), "App")
         with ExitStack() as stack:
-            plugins = self._runnable_plugins(stack)
+            # The event loop lives as long as the run, started only if a plugin is async.
+            event_loop = stack.enter_context(AsyncLoop()) if any(p.is_async for p in self._plugins) else None
 
             def run() -> None:
                 self._core.run(
-                    plugins,
+                    self._plugins,
                     linger=linger,
-                    workers=workers,
+                    workers=self._worker_count(),
                     shutdown_timeout=self._shutdown_timeout,
                     revoke_timeout=self._revoke_timeout,
                     idle_timeout=idle,
+                    rate_limit=rate_limit,
+                    event_loop=event_loop,
                 )
 
             if threading.current_thread() is threading.main_thread():
@@ -199,13 +248,11 @@ class App:
             else:
                 run()
 
-    def _runnable_plugins(self, stack: ExitStack) -> list[Plugin]:
-        """The plugins with async ones wrapped to run on an event loop that lives as long as
-        the run (started only if there are any)."""
-        if not any(p.is_async for p in self._plugins):
-            return list(self._plugins)
-        loop = stack.enter_context(AsyncLoop())
-        return [replace(p, func=loop.wrap(p.func)) if p.is_async else p for p in self._plugins]  # type: ignore[arg-type]
+    def _worker_count(self) -> int:
+        if self._workers is not None:
+            return self._workers
+        sync = sum(p.concurrency for p in self._plugins if not p.is_async)
+        return sync + (1 if any(p.is_async for p in self._plugins) else 0)
 
     def stop(self) -> None:
         """Ends the current run gracefully; callable from any thread, a plugin or a signal
@@ -216,9 +263,14 @@ class App:
         """Counters of the current or last run.
 
         - ``messages``: fetched and handed to the plugins;
-        - ``plugins``: per plugin, ``batches``, ``messages`` and ``errors`` handled,
-          ``in_flight`` calls, ``queued`` messages (waiting or running), ``queued_peak``,
-          ``max_queued``, and call latency ``latency_p50`` and ``latency_p99`` in seconds;
+        - ``plugins``: per plugin, ``batches``, ``messages`` and ``errors`` handled (calls,
+          retries included), ``in_flight`` calls, ``queued`` messages (waiting or running),
+          ``queued_peak``, ``max_queued``, call latency ``latency_p50`` and ``latency_p99`` in
+          seconds, ``retries`` scheduled and ``retry_wait`` (their backoff, in seconds, in
+          all), ``dead_lettered`` messages, ``overruns`` (sync calls past their timeout),
+          ``timeouts`` (async calls cancelled at it) and ``throttled`` (times the plugin's
+          rate limit held a call back);
+        - ``timers``: the timer wheel's ``entries`` now and their ``peak`` this run;
         - ``partitions``: per partition consumed this run, whether it is ``assigned`` now,
           ``position`` (next offset fetched), ``committed`` and ``lag`` (high watermark
           minus committed);

@@ -40,6 +40,16 @@ class Batch:
     @property
     def partition(self) -> int:
         """The partition every message of the batch comes from."""
+    @property
+    def attempt(self) -> int:
+        """1 on the first call with these messages, 2 on the first retry, and so on."""
+    @property
+    def deadline(self) -> float | None:
+        """When this call should be done, on ``time.monotonic()``'s clock; ``None`` without
+        a ``timeout``."""
+    def remaining(self) -> float | None:
+        """Seconds left until the deadline (0.0 once passed); ``None`` without a
+        ``timeout``."""
     def __len__(self) -> int: ...
     def __iter__(self) -> Iterator[Message]: ...
     def __getitem__(self, index: int, /) -> Message: ...
@@ -61,6 +71,34 @@ class PluginSpec(Protocol):
     def max_queued(self) -> int: ...
     @property
     def max_queued_bytes(self) -> int: ...
+    @property
+    def is_async(self) -> bool: ...
+    @property
+    def timeout(self) -> float | None: ...
+    @property
+    def rate_limit(self) -> RateLimitSpec | None: ...
+    @property
+    def retries(self) -> int: ...
+    @property
+    def backoff(self) -> tuple[float, float]: ...
+    @property
+    def dlq(self) -> str | None: ...
+    @property
+    def on_failure(self) -> str: ...
+
+class RateLimitSpec(Protocol):
+    """What ``Consumer.run`` reads of a rate limit (``fastconsume.RateLimit``, burst set)."""
+
+    @property
+    def per_second(self) -> float: ...
+    @property
+    def burst(self) -> int | None: ...
+
+class EventLoop(Protocol):
+    """What ``Consumer.run`` needs of the event loop of async plugins
+    (``fastconsume._plugins.AsyncLoop``)."""
+
+    def start(self, func: Any, batch: Batch, done: Callable[[Any], object], /) -> Any: ...
 
 @final
 class Consumer:
@@ -82,6 +120,8 @@ class Consumer:
         shutdown_timeout: float,
         revoke_timeout: float,
         idle_timeout: float | None = None,
+        rate_limit: RateLimitSpec | None = None,
+        event_loop: EventLoop | None = None,
     ) -> None: ...
     def stop(self) -> None: ...
     def stats(self) -> dict[str, Any]: ...

@@ -1,13 +1,16 @@
-"""Plugin registration: validation of the callable and its options, and async adaptation."""
+"""Plugin registration: validation of the callable and its options, and the event loop of
+async plugins."""
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import inspect
+import math
 import threading
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Literal
 
 from ._core import Batch
 from ._durations import Duration, seconds
@@ -22,11 +25,61 @@ DEFAULT_LINGER = "20ms"
 DEFAULT_CONCURRENCY = 1
 DEFAULT_MAX_QUEUED = 10_000
 DEFAULT_MAX_QUEUED_BYTES = 64 * 1024 * 1024
+DEFAULT_RETRIES = 3
+DEFAULT_BACKOFF = ("100ms", "30s")
+
+OnFailure = Literal["dead_letter", "retry", "stop"]
+_ON_FAILURE = ("dead_letter", "retry", "stop")
+
+
+@dataclass(frozen=True)
+class RateLimit:
+    """A rate limit in messages per second, enforced as GCRA and charged once per batch.
+
+    ``burst`` is how many messages may pass at once; it defaults to the batch size charged
+    (a plugin's ``batch_size``, or the largest one for the app) and must be at least that.
+    A plain number is shorthand for ``RateLimit(per_second=number)``.
+
+    >>> import fastconsume as fc
+    >>> fc.RateLimit(5000)
+    RateLimit(per_second=5000, burst=None)
+    """
+
+    per_second: float
+    burst: int | None = None
+
+    def __post_init__(self) -> None:
+        rate = self.per_second
+        if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not math.isfinite(rate) or rate <= 0:
+            raise ConfigError(f"rate_limit: per_second must be a positive number, got {rate!r}")
+        burst = self.burst
+        if burst is not None and (isinstance(burst, bool) or not isinstance(burst, int) or burst < 1):
+            raise ConfigError(f"rate_limit: burst must be a positive integer, got {self.burst!r}")
+
+    def resolved(self, batch_size: int, what: str) -> RateLimit:
+        """This limit with its burst set, checked against the batch size it is charged."""
+        burst = batch_size if self.burst is None else self.burst
+        if burst < batch_size:
+            raise ConfigError(
+                f"{what}: rate_limit burst ({burst}) must be at least the batch size ({batch_size}), "
+                "since a batch is charged at once"
+            )
+        return RateLimit(self.per_second, burst)
+
+
+def rate_limit_of(value: float | RateLimit | None) -> RateLimit | None:
+    """``rate_limit=`` as given: a number of messages per second, a :class:`RateLimit`, or
+    ``None``."""
+    if value is None or isinstance(value, RateLimit):
+        return value
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"rate_limit: expected messages per second or a RateLimit, got {type(value).__name__}")
+    return RateLimit(value)
 
 
 @dataclass(frozen=True)
 class Plugin:
-    """A registered plugin and its validated options."""
+    """A registered plugin and its validated options (durations in seconds)."""
 
     name: str
     func: PluginFunc
@@ -35,6 +88,12 @@ class Plugin:
     concurrency: int
     max_queued: int
     max_queued_bytes: int
+    timeout: float | None
+    rate_limit: RateLimit | None
+    retries: int
+    backoff: tuple[float, float]
+    dlq: str | None
+    on_failure: OnFailure
     is_async: bool
 
 
@@ -53,6 +112,12 @@ def make_plugin(
     concurrency: int,
     max_queued: int,
     max_queued_bytes: int,
+    timeout: Duration | None,
+    rate_limit: float | RateLimit | None,
+    retries: int,
+    backoff: tuple[Duration, Duration],
+    dlq: str | None,
+    on_failure: OnFailure | None,
 ) -> Plugin:
     """Validates a plugin at registration, so mistakes surface before ``run()``."""
     if not callable(func):
@@ -72,6 +137,15 @@ def make_plugin(
     plugin_name = name if name is not None else _name_of(func)
     if not isinstance(plugin_name, str) or not plugin_name:
         raise ConfigError(f"a plugin name must be a non-empty string, got {plugin_name!r}")
+    if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
+        raise ConfigError(f"retries must be a non-negative integer, got {retries!r}")
+    if dlq is not None and (not isinstance(dlq, str) or not dlq.strip()):
+        raise ConfigError(f"dlq must be a topic name, got {dlq!r}")
+    policy = _on_failure(on_failure, dlq)
+    call_timeout = None if timeout is None else seconds(timeout, "timeout")
+    if call_timeout == 0:
+        raise ConfigError("timeout must be positive; pass None for no deadline")
+    limit = rate_limit_of(rate_limit)
     return Plugin(
         name=plugin_name,
         func=func,
@@ -80,8 +154,33 @@ def make_plugin(
         concurrency=concurrency,
         max_queued=max_queued,
         max_queued_bytes=max_queued_bytes,
+        timeout=call_timeout,
+        rate_limit=None if limit is None else limit.resolved(batch_size, f"plugin {plugin_name!r}"),
+        retries=retries,
+        backoff=_backoff(backoff),
+        dlq=dlq,
+        on_failure=policy,
         is_async=_is_async(func),
     )
+
+
+def _on_failure(on_failure: OnFailure | None, dlq: str | None) -> OnFailure:
+    if on_failure is None:
+        return "dead_letter" if dlq is not None else "stop"
+    if on_failure not in _ON_FAILURE:
+        raise ConfigError(f"on_failure must be one of {', '.join(map(repr, _ON_FAILURE))}, got {on_failure!r}")
+    if on_failure == "dead_letter" and dlq is None:
+        raise ConfigError('on_failure="dead_letter" needs a dead-letter topic: pass dlq="topic"')
+    return on_failure
+
+
+def _backoff(backoff: tuple[Duration, Duration]) -> tuple[float, float]:
+    if not isinstance(backoff, (tuple, list)) or len(backoff) != 2:
+        raise ConfigError(f"backoff must be a (first, max) pair of durations, got {backoff!r}")
+    first, largest = seconds(backoff[0], "backoff"), seconds(backoff[1], "backoff")
+    if first > largest:
+        raise ConfigError(f"backoff: the first wait ({backoff[0]!r}) exceeds the maximum ({backoff[1]!r})")
+    return first, largest
 
 
 def _is_async(func: Callable[..., object]) -> bool:
@@ -97,8 +196,9 @@ def _name_of(func: object) -> str:
 class AsyncLoop:
     """One asyncio loop on its own thread, for every async plugin of an app.
 
-    A batch is submitted to the loop and the calling worker waits for its result; the GIL is
-    free while it waits.
+    A worker hands each call to the loop with :meth:`start` and moves on; the call reports
+    its outcome through ``done`` when it finishes. So a lane's ``concurrency`` counts calls in
+    flight on the loop, not threads.
     """
 
     def __init__(self) -> None:
@@ -114,13 +214,14 @@ class AsyncLoop:
         self._thread.join()
         self._loop.close()
 
-    def wrap(self, func: AsyncPlugin) -> SyncPlugin:
-        loop = self._loop
-
-        def call(batch: Batch) -> Any:
-            return asyncio.run_coroutine_threadsafe(_awaited(func, batch), loop).result()
-
-        return call
+    def start(
+        self, func: AsyncPlugin, batch: Batch, done: Callable[[concurrent.futures.Future[object]], object]
+    ) -> concurrent.futures.Future[object]:
+        """Runs ``func(batch)`` on the loop; ``done(future)`` is called when it finishes, and
+        cancelling the returned future cancels the call."""
+        future = asyncio.run_coroutine_threadsafe(_awaited(func, batch), self._loop)
+        future.add_done_callback(done)
+        return future
 
 
 async def _awaited(func: AsyncPlugin, batch: Batch) -> object:

@@ -14,7 +14,9 @@ ConfigError topics must name at least one topic
 
 from __future__ import annotations
 
-__all__ = ["ConfigError", "FastconsumeError", "KafkaConnectionError", "KafkaError", "PluginError"]
+from collections.abc import Iterable
+
+__all__ = ["ConfigError", "FastconsumeError", "KafkaConnectionError", "KafkaError", "PartialFailure", "PluginError"]
 
 
 class FastconsumeError(Exception):
@@ -34,5 +36,32 @@ class KafkaError(FastconsumeError):
 
 
 class PluginError(FastconsumeError):
-    """A plugin raised. The plugin's own exception is the ``__cause__``; the message names the
-    plugin and the partitions and offsets of the batch it failed on, which stay uncommitted."""
+    """A plugin failed and its retries ran out (``on_failure="stop"``). The plugin's own
+    exception is the ``__cause__``; the message names the plugin and the partition and
+    offsets of the batch it failed on, which stay uncommitted."""
+
+
+class PartialFailure(FastconsumeError):
+    """Raised by a plugin to say that only some messages of its batch failed: the messages at
+    ``indexes`` (positions in the batch it was given) are retried, and dead-lettered if their
+    retries run out; the others count as done.
+
+    The error behind it, for logs and dead-letter headers, is ``error`` or else the
+    exception it was raised ``from``.
+
+    >>> import fastconsume as fc
+    >>> def plugin(batch: fc.Batch) -> None:
+    ...     bad = [i for i, value in enumerate(batch.values()) if value == b"poison"]
+    ...     if bad:
+    ...         raise fc.PartialFailure(bad, ValueError("poisoned value"))
+    >>> error = fc.PartialFailure([3, 1])
+    >>> error.indexes
+    (3, 1)
+    """
+
+    def __init__(self, indexes: Iterable[int], error: BaseException | None = None) -> None:
+        self.indexes = tuple(indexes)
+        self.error = error
+        if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in self.indexes):
+            raise TypeError(f"PartialFailure indexes must be non-negative integers, got {self.indexes!r}")
+        super().__init__(f"{len(self.indexes)} message(s) failed" + (f": {error!r}" if error is not None else ""))

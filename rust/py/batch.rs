@@ -4,12 +4,14 @@
 
 use std::ops::Range;
 use std::sync::Arc;
+use std::time::Instant;
 
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
 use pyo3::types::{PyBytes, PyList, PyString, PyTuple};
 
 use crate::batch::Batch;
+use crate::lane::Chunk;
 
 /// A Kafka message. Immutable; shared by every plugin that sees it.
 #[pyclass(frozen, module = "fastconsume._core", name = "Message")]
@@ -103,33 +105,76 @@ fn messages<'a, 'py>(py: Python<'py>, batch: &'a Batch) -> PyResult<&'a Bound<'p
     Ok(messages.bind(py))
 }
 
-/// The messages one plugin call receives: a slice of one partition's fetched batch.
+/// Which messages of a fetched batch a call receives.
+enum Selection {
+    Range(Range<usize>),
+    /// After a partial failure: the positions that failed, retried alone.
+    Positions(Arc<[u32]>),
+}
+
+/// The messages one plugin call receives: a slice of one partition's fetched batch (or, on
+/// a retry after a partial failure, the messages that failed), with the call's deadline.
 #[pyclass(frozen, sequence, module = "fastconsume._core", name = "Batch")]
 pub struct PyBatch {
     batch: Arc<Batch>,
-    start: usize,
-    end: usize,
+    selection: Selection,
     /// The name of the plugin this batch was made for.
     #[pyo3(get)]
     plugin: Py<PyString>,
+    /// 1 on the first call with these messages, 2 on the first retry, and so on.
+    #[pyo3(get)]
+    attempt: u32,
+    deadline: Option<Instant>,
 }
 
 impl PyBatch {
-    pub fn new(batch: Arc<Batch>, range: Range<usize>, plugin: Py<PyString>) -> Self {
-        debug_assert!(range.end <= batch.len());
-        PyBatch { batch, start: range.start, end: range.end, plugin }
+    pub fn new(chunk: &Chunk, plugin: Py<PyString>, deadline: Option<Instant>) -> Self {
+        let selection = match &chunk.subset {
+            Some(positions) => Selection::Positions(positions.clone()),
+            None => Selection::Range(chunk.range.clone()),
+        };
+        PyBatch { batch: chunk.batch.clone(), selection, plugin, attempt: chunk.attempt, deadline }
+    }
+
+    /// The position in the fetched batch of the call's `position`-th message.
+    fn index(&self, position: usize) -> usize {
+        match &self.selection {
+            Selection::Range(range) => range.start + position,
+            Selection::Positions(positions) => positions[position] as usize,
+        }
+    }
+
+    /// Picks the call's items out of the fetched batch's tuple.
+    fn select<'py>(&self, all: &Bound<'py, PyTuple>) -> PyResult<Bound<'py, PyTuple>> {
+        match &self.selection {
+            Selection::Range(range) => Ok(all.get_slice(range.start, range.end)),
+            Selection::Positions(positions) => {
+                let items = positions.iter().map(|&i| all.get_item(i as usize)).collect::<PyResult<Vec<_>>>()?;
+                PyTuple::new(all.py(), items)
+            }
+        }
+    }
+
+    /// Seconds until the deadline; negative once it has passed.
+    fn seconds_left(&self) -> Option<f64> {
+        let deadline = self.deadline?;
+        let now = Instant::now();
+        Some(if deadline >= now { (deadline - now).as_secs_f64() } else { -(now - deadline).as_secs_f64() })
     }
 }
 
 #[pymethods]
 impl PyBatch {
     fn __len__(&self) -> usize {
-        self.end - self.start
+        match &self.selection {
+            Selection::Range(range) => range.len(),
+            Selection::Positions(positions) => positions.len(),
+        }
     }
 
     fn __iter__<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
-        let slice = messages(py, &self.batch)?.get_slice(self.start, self.end);
-        Ok(slice.as_any().try_iter()?.into_any())
+        let selected = self.select(messages(py, &self.batch)?)?;
+        Ok(selected.as_any().try_iter()?.into_any())
     }
 
     fn __getitem__<'py>(&self, py: Python<'py>, index: isize) -> PyResult<Bound<'py, PyAny>> {
@@ -140,12 +185,12 @@ impl PyBatch {
                 "batch index {index} out of range for {len} messages"
             )));
         }
-        messages(py, &self.batch)?.get_item(self.start + position as usize)
+        messages(py, &self.batch)?.get_item(self.index(position as usize))
     }
 
     /// The message values in order, without building `Message` objects.
     fn values<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
-        Ok(values(py, &self.batch)?.get_slice(self.start, self.end).to_list())
+        Ok(self.select(values(py, &self.batch)?)?.to_list())
     }
 
     /// The topic every message of the batch comes from.
@@ -160,14 +205,29 @@ impl PyBatch {
         self.batch.partition().partition
     }
 
+    /// When this call should be done, on `time.monotonic()`'s clock; `None` without a
+    /// `timeout`.
+    #[getter]
+    fn deadline(&self, py: Python<'_>) -> PyResult<Option<f64>> {
+        let Some(left) = self.seconds_left() else { return Ok(None) };
+        let now: f64 = py.import("time")?.getattr("monotonic")?.call0()?.extract()?;
+        Ok(Some(now + left))
+    }
+
+    /// Seconds left until the deadline (0.0 once passed); `None` without a `timeout`.
+    fn remaining(&self) -> Option<f64> {
+        self.seconds_left().map(|left| left.max(0.0))
+    }
+
     fn __repr__(&self, py: Python<'_>) -> String {
-        let (first, last) = (self.batch.get(self.start).offset, self.batch.get(self.end - 1).offset);
+        let len = self.__len__();
+        let (first, last) = (self.batch.get(self.index(0)).offset, self.batch.get(self.index(len - 1)).offset);
         format!(
-            "Batch(plugin={:?}, topic={:?}, partition={}, offsets={first}..={last}, messages={})",
+            "Batch(plugin={:?}, topic={:?}, partition={}, offsets={first}..={last}, messages={len}, attempt={})",
             self.plugin.bind(py).to_string_lossy(),
             self.topic(),
             self.partition(),
-            self.__len__()
+            self.attempt
         )
     }
 }

@@ -10,11 +10,11 @@ use pyo3::prelude::*;
 use pyo3::types::PyDict;
 
 use super::errors::to_pyerr;
-use super::plugins::{PluginFailure, PluginSpec, Plugins};
+use super::plugins::{PluginFailure, PluginSpec, Plugins, RateLimitSpec};
 use crate::config::SourceConfig;
 use crate::engine::{Engine, RunError, RunOptions};
 use crate::errors::Error;
-use crate::lane::LaneOptions;
+use crate::lane::{LaneOptions, OnFailure, RetryPolicy};
 
 #[pyclass(frozen, module = "fastconsume._core", name = "Consumer")]
 pub struct PyConsumer {
@@ -60,7 +60,10 @@ impl PyConsumer {
     }
 
     /// Consumes until `stop()`, a plugin failure, or in drain mode until idle.
-    #[pyo3(signature = (plugins, *, linger, workers, shutdown_timeout, revoke_timeout, idle_timeout=None))]
+    #[pyo3(signature = (
+        plugins, *, linger, workers, shutdown_timeout, revoke_timeout, idle_timeout=None, rate_limit=None,
+        event_loop=None,
+    ))]
     #[allow(clippy::too_many_arguments)] // each is a keyword argument of the Python method
     fn run(
         &self,
@@ -71,29 +74,23 @@ impl PyConsumer {
         shutdown_timeout: f64,
         revoke_timeout: f64,
         idle_timeout: Option<f64>,
+        rate_limit: Option<RateLimitSpec>,
+        event_loop: Option<Py<PyAny>>,
     ) -> PyResult<()> {
         if self.running.swap(true, Ordering::AcqRel) {
             return Err(PyRuntimeError::new_err("this app is already running"));
         }
         let _running = RunningGuard(&self.running);
         let options = RunOptions {
-            lanes: plugins
-                .iter()
-                .map(|p| LaneOptions {
-                    name: p.name.clone(),
-                    batch_size: p.batch_size,
-                    concurrency: p.concurrency,
-                    max_queued: p.max_queued,
-                    max_queued_bytes: p.max_queued_bytes,
-                })
-                .collect(),
+            lanes: plugins.iter().map(|p| lane_options(py, p)).collect::<PyResult<_>>()?,
             linger: duration(py, linger, "linger")?,
             idle_timeout: idle_timeout.map(|s| duration(py, s, "idle_timeout")).transpose()?,
             workers,
             shutdown_timeout: duration(py, shutdown_timeout, "shutdown_timeout")?,
             revoke_timeout: duration(py, revoke_timeout, "revoke_timeout")?,
+            rate_limit: rate_limit.as_ref().map(Into::into),
         };
-        let plugins = Arc::new(Plugins::new(py, &plugins));
+        let plugins = Arc::new(Plugins::new(py, &plugins, event_loop));
         let outcome = py.detach(|| self.engine.run(&self.config, &options, move |pool| plugins.serve(pool)));
         match outcome {
             Ok(()) => Ok(()),
@@ -115,6 +112,10 @@ impl PyConsumer {
         let plugins = PyDict::new(py);
         let partitions = PyDict::new(py);
         stats.set_item("messages", snapshot.as_ref().map_or(0, |s| s.admitted))?;
+        let timers = PyDict::new(py);
+        timers.set_item("entries", snapshot.as_ref().map_or(0, |s| s.timers))?;
+        timers.set_item("peak", snapshot.as_ref().map_or(0, |s| s.timers_peak))?;
+        stats.set_item("timers", timers)?;
         for (name, lane, options) in snapshot.iter().flat_map(|s| &s.lanes) {
             let d = PyDict::new(py);
             d.set_item("batches", lane.batches)?;
@@ -126,6 +127,12 @@ impl PyConsumer {
             d.set_item("max_queued", options.max_queued)?;
             d.set_item("latency_p50", lane.latency.quantile(0.5).as_secs_f64())?;
             d.set_item("latency_p99", lane.latency.quantile(0.99).as_secs_f64())?;
+            d.set_item("retries", lane.retries)?;
+            d.set_item("retry_wait", lane.retry_wait.as_secs_f64())?;
+            d.set_item("dead_lettered", lane.dead_lettered)?;
+            d.set_item("overruns", lane.overruns)?;
+            d.set_item("timeouts", lane.timeouts)?;
+            d.set_item("throttled", lane.throttled)?;
             plugins.set_item(name, d)?;
         }
         for p in snapshot.iter().flat_map(|s| &s.partitions) {
@@ -147,6 +154,35 @@ impl PyConsumer {
         stats.set_item("partitions", partitions)?;
         Ok(stats)
     }
+}
+
+/// A lane's options from a registered plugin (Python validated them; the engine checks
+/// them again against each other).
+fn lane_options(py: Python<'_>, p: &PluginSpec) -> PyResult<LaneOptions> {
+    let on_failure = match (p.on_failure.as_str(), &p.dlq) {
+        ("dead_letter", Some(topic)) => OnFailure::DeadLetter(topic.clone()),
+        ("retry", _) => OnFailure::RetryForever,
+        ("stop", _) => OnFailure::Stop,
+        (other, _) => {
+            let message = format!("plugin {:?}: on_failure {other:?} needs a dlq topic or is unknown", p.name);
+            return Err(to_pyerr(py, &Error::Config(message)));
+        }
+    };
+    Ok(LaneOptions {
+        name: p.name.clone(),
+        batch_size: p.batch_size,
+        concurrency: p.concurrency,
+        max_queued: p.max_queued,
+        max_queued_bytes: p.max_queued_bytes,
+        timeout: p.timeout.map(|t| duration(py, t, "timeout")).transpose()?,
+        rate_limit: p.rate_limit.as_ref().map(Into::into),
+        retry: RetryPolicy {
+            retries: p.retries,
+            first_backoff: duration(py, p.backoff.0, "backoff")?,
+            max_backoff: duration(py, p.backoff.1, "backoff")?,
+            on_failure,
+        },
+    })
 }
 
 pub fn init_pymodule(m: &Bound<'_, PyModule>) -> PyResult<()> {

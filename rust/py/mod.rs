@@ -3,12 +3,14 @@
 mod batch;
 mod consumer;
 mod errors;
+mod logs;
 mod mock;
 mod plugins;
 
 use pyo3::prelude::*;
 
 pub fn init_pymodule(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    logs::install()?;
     batch::init_pymodule(m)?;
     consumer::init_pymodule(m)?;
     mock::init_pymodule(m)

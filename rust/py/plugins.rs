@@ -1,26 +1,48 @@
 //! The worker threads' life on the Python side: each attaches to the interpreter once, and
 //! releases the GIL while it waits for a task and while it reports one, so the GIL is held
 //! only to build a batch's objects and to call the plugin (granian's pattern).
+//!
+//! An `async` plugin's call is handed to the app's event loop and the worker moves on: the
+//! call completes from the loop's thread, so a lane's concurrency counts calls in flight,
+//! not threads. Its deadline cancels it.
 
-use std::time::Instant;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
 
 use pyo3::prelude::*;
-use pyo3::types::PyString;
+use pyo3::sync::PyOnceLock;
+use pyo3::types::{PyString, PyType};
 
 use super::batch::PyBatch;
 use super::errors::exception;
-use crate::batch::Batch;
-use crate::pool::{Pool, Task};
+use crate::limit::RateLimit;
+use crate::pool::{describe, CallFailure, Pool, Task};
+
+/// `fastconsume.RateLimit`, read by attribute.
+#[derive(FromPyObject)]
+pub struct RateLimitSpec {
+    #[pyo3(attribute)]
+    pub per_second: f64,
+    #[pyo3(attribute)]
+    pub burst: u32,
+}
+
+impl From<&RateLimitSpec> for RateLimit {
+    fn from(spec: &RateLimitSpec) -> Self {
+        RateLimit { per_second: spec.per_second, burst: spec.burst }
+    }
+}
 
 /// A plugin as Python registered it: `fastconsume._plugins.Plugin`, read by attribute.
 #[derive(FromPyObject)]
 pub struct PluginSpec {
     #[pyo3(attribute)]
     pub name: String,
-    /// The callable the worker calls: sync, or an async plugin already wrapped to run on
-    /// the app's event loop.
+    /// The callable: sync, or an `async` function handed to the event loop.
     #[pyo3(attribute)]
     pub func: Py<PyAny>,
+    #[pyo3(attribute)]
+    pub is_async: bool,
     #[pyo3(attribute)]
     pub batch_size: usize,
     #[pyo3(attribute)]
@@ -29,37 +51,128 @@ pub struct PluginSpec {
     pub max_queued: usize,
     #[pyo3(attribute)]
     pub max_queued_bytes: usize,
+    /// Seconds.
+    #[pyo3(attribute)]
+    pub timeout: Option<f64>,
+    #[pyo3(attribute)]
+    pub rate_limit: Option<RateLimitSpec>,
+    #[pyo3(attribute)]
+    pub retries: u32,
+    /// First and largest backoff, in seconds.
+    #[pyo3(attribute)]
+    pub backoff: (f64, f64),
+    #[pyo3(attribute)]
+    pub dlq: Option<String>,
+    /// `"dead_letter"`, `"retry"` or `"stop"`.
+    #[pyo3(attribute)]
+    pub on_failure: String,
 }
 
-/// A plugin raised: the run stops and re-raises it, chained, naming the plugin.
-pub struct PluginFailure {
-    pub error: PyErr,
-    pub message: String,
+/// A plugin raised (or an async call was cancelled at its deadline). Boxed: it travels in
+/// `Result`s on the failure path only.
+pub struct PluginFailure(Box<Failure>);
+
+struct Failure {
+    error: PyErr,
+    /// What a `PluginError` says if this failure ends the run.
+    message: String,
+    kind: String,
+    detail: String,
+    /// From `PartialFailure`: the positions in the call's batch that failed.
+    positions: Option<Vec<usize>>,
 }
 
 impl PluginFailure {
     pub fn into_pyerr(self, py: Python<'_>) -> PyErr {
-        let error = exception(py, "PluginError", self.message);
-        error.set_cause(py, Some(self.error));
-        error
+        let Failure { error, message, .. } = *self.0;
+        let plugin_error = exception(py, "PluginError", message);
+        plugin_error.set_cause(py, Some(error));
+        plugin_error
+    }
+
+    /// Reads what failed from a raised exception; `PartialFailure` names positions and,
+    /// through `error` or its `__cause__`, the error behind them.
+    fn new(py: Python<'_>, error: PyErr, plugin: &str, task: &Task) -> Self {
+        let value = error.value(py);
+        let mut positions = None;
+        let mut cause = value.clone().into_any();
+        if let Ok(partial) = partial_failure_type(py) {
+            if value.is_instance(partial).unwrap_or(false) {
+                positions = value.getattr("indexes").and_then(|i| i.extract::<Vec<usize>>()).ok();
+                let named = value.getattr("error").ok().filter(|e| !e.is_none());
+                if let Some(behind) = named.or_else(|| value.getattr("__cause__").ok().filter(|e| !e.is_none())) {
+                    cause = behind;
+                }
+            }
+        }
+        let kind = cause.get_type().qualname().map_or_else(|_| "Exception".to_string(), |n| n.to_string());
+        let detail = cause.str().map_or_else(|_| String::new(), |s| s.to_string_lossy().into_owned());
+        let chunk = &task.chunk;
+        let message = format!(
+            "plugin {plugin:?} failed on {} (attempt {}): {}",
+            describe(&chunk.batch, &chunk.indexes()),
+            chunk.attempt,
+            value.repr().map_or_else(|_| "?".to_string(), |r| r.to_string()),
+        );
+        PluginFailure(Box::new(Failure { error, message, kind, detail, positions }))
     }
 }
 
-/// The callables, by lane.
+impl CallFailure for PluginFailure {
+    fn failed_positions(&self) -> Option<&[usize]> {
+        self.0.positions.as_deref()
+    }
+
+    fn kind(&self) -> String {
+        self.0.kind.clone()
+    }
+
+    fn detail(&self) -> String {
+        self.0.detail.clone()
+    }
+}
+
+fn partial_failure_type(py: Python<'_>) -> PyResult<&Bound<'_, PyType>> {
+    static PARTIAL_FAILURE: PyOnceLock<Py<PyType>> = PyOnceLock::new();
+    PARTIAL_FAILURE.import(py, "fastconsume.errors", "PartialFailure")
+}
+
+struct Lane {
+    func: Py<PyAny>,
+    name: Py<PyString>,
+    is_async: bool,
+    timeout: Option<Duration>,
+}
+
+/// The callables, by lane, and the event loop of the async ones.
 pub struct Plugins {
-    calls: Vec<(Py<PyAny>, Py<PyString>)>,
+    lanes: Vec<Lane>,
+    /// `fastconsume._plugins.AsyncLoop`, when some plugin is async.
+    event_loop: Option<Py<PyAny>>,
 }
 
 impl Plugins {
-    pub fn new(py: Python<'_>, specs: &[PluginSpec]) -> Self {
-        let calls = specs.iter().map(|s| (s.func.clone_ref(py), PyString::intern(py, &s.name).unbind())).collect();
-        Plugins { calls }
+    pub fn new(py: Python<'_>, specs: &[PluginSpec], event_loop: Option<Py<PyAny>>) -> Self {
+        let lanes = specs
+            .iter()
+            .map(|s| Lane {
+                func: s.func.clone_ref(py),
+                name: PyString::intern(py, &s.name).unbind(),
+                is_async: s.is_async,
+                timeout: s.timeout.and_then(|t| Duration::try_from_secs_f64(t).ok()),
+            })
+            .collect();
+        Plugins { lanes, event_loop }
     }
 
     /// One worker thread's whole life.
     pub fn serve(&self, pool: &Pool<PluginFailure>) {
         Python::attach(|py| {
             while let Some(task) = py.detach(|| pool.next_task()) {
+                if self.lanes[task.lane].is_async {
+                    self.start_async(py, pool, task);
+                    continue;
+                }
                 let started = Instant::now();
                 let outcome = self.call(py, &task);
                 let took = started.elapsed();
@@ -68,26 +181,118 @@ impl Plugins {
         });
     }
 
+    fn batch(&self, py: Python<'_>, task: &Task) -> PyResult<Py<PyBatch>> {
+        let lane = &self.lanes[task.lane];
+        Py::new(py, PyBatch::new(&task.chunk, lane.name.clone_ref(py), task.deadline))
+    }
+
+    fn failure(&self, py: Python<'_>, error: PyErr, task: &Task) -> PluginFailure {
+        let name = self.lanes[task.lane].name.bind(py).to_string_lossy().into_owned();
+        PluginFailure::new(py, error, &name, task)
+    }
+
     fn call(&self, py: Python<'_>, task: &Task) -> Result<(), PluginFailure> {
-        let (call, name) = &self.calls[task.lane];
-        let chunk = &task.chunk;
-        let batch = PyBatch::new(chunk.batch.clone(), chunk.range.clone(), name.clone_ref(py));
-        let result = Py::new(py, batch).and_then(|batch| call.call1(py, (batch,)));
-        result.map(drop).map_err(|error| {
-            let message = format!(
-                "plugin {:?} failed on {}: {}",
-                name.bind(py).to_string_lossy(),
-                describe(&chunk.batch, &chunk.range),
-                error.value(py).repr().map_or_else(|_| "?".to_string(), |r| r.to_string()),
-            );
-            PluginFailure { error, message }
-        })
+        let result = self.batch(py, task).and_then(|batch| self.lanes[task.lane].func.call1(py, (batch,)));
+        result.map(drop).map_err(|error| self.failure(py, error, task))
+    }
+
+    /// Hands an async call to the event loop; it completes through `Completion`.
+    fn start_async(&self, py: Python<'_>, pool: &Pool<PluginFailure>, task: Task) {
+        let lane = &self.lanes[task.lane];
+        let (call, has_deadline) = (task.call, task.deadline.is_some());
+        let (Some(event_loop), Some(shared)) = (&self.event_loop, pool.shared()) else {
+            let error = pyo3::exceptions::PyRuntimeError::new_err("async plugin without an event loop");
+            let failure = self.failure(py, error, &task);
+            py.detach(|| pool.complete(task, Err(failure), Duration::ZERO));
+            return;
+        };
+        let batch = match self.batch(py, &task) {
+            Ok(batch) => batch,
+            Err(error) => {
+                let failure = self.failure(py, error, &task);
+                py.detach(|| pool.complete(task, Err(failure), Duration::ZERO));
+                return;
+            }
+        };
+        let completion = Completion {
+            pool: shared,
+            task: Mutex::new(Some(task)),
+            started: Instant::now(),
+            name: lane.name.clone_ref(py),
+            timeout: lane.timeout,
+        };
+        let completion = match Py::new(py, completion) {
+            Ok(completion) => completion,
+            Err(error) => {
+                log::error!("cannot start an async call: {error}");
+                return;
+            }
+        };
+        match event_loop.call_method1(py, "start", (lane.func.clone_ref(py), batch, completion.clone_ref(py))) {
+            Ok(future) if has_deadline => {
+                let cancel = Box::new(move || {
+                    Python::try_attach(|py| {
+                        if let Err(error) = future.call_method0(py, "cancel") {
+                            error.write_unraisable(py, None);
+                        }
+                    });
+                });
+                py.detach(|| pool.cancel_with(call, cancel));
+            }
+            Ok(_) => {}
+            Err(error) => completion.get().fail_to_start(py, error),
+        }
     }
 }
 
-/// Names the partition and offsets of a slice, for an error message.
-fn describe(batch: &Batch, range: &std::ops::Range<usize>) -> String {
-    let partition = batch.partition();
-    let (first, last) = (batch.get(range.start).offset, batch.get(range.end - 1).offset);
-    format!("{} message(s) of {}[{}] offsets {first}..={last}", range.len(), partition.topic, partition.partition)
+/// Reports an async call's outcome to the pool; called by its future when done, on the
+/// event loop's thread.
+#[pyclass(frozen, module = "fastconsume._core", name = "Completion")]
+pub struct Completion {
+    pool: Arc<Pool<PluginFailure>>,
+    task: Mutex<Option<Task>>,
+    started: Instant,
+    name: Py<PyString>,
+    timeout: Option<Duration>,
+}
+
+impl Completion {
+    fn take(&self) -> Option<Task> {
+        self.task.lock().unwrap_or_else(PoisonError::into_inner).take()
+    }
+
+    fn report(&self, py: Python<'_>, task: Task, outcome: Result<(), PyErr>) {
+        let took = self.started.elapsed();
+        let name = self.name.bind(py).to_string_lossy().into_owned();
+        let outcome = outcome.map_err(|error| PluginFailure::new(py, error, &name, &task));
+        py.detach(|| self.pool.complete(task, outcome, took));
+    }
+
+    fn fail_to_start(&self, py: Python<'_>, error: PyErr) {
+        if let Some(task) = self.take() {
+            self.report(py, task, Err(error));
+        }
+    }
+}
+
+#[pymethods]
+impl Completion {
+    /// `future`: the `concurrent.futures.Future` of the call. Never raises: an exception
+    /// here would be logged by the future and the call never reported.
+    fn __call__(&self, py: Python<'_>, future: Bound<'_, PyAny>) {
+        let Some(task) = self.take() else { return };
+        let outcome = match future.call_method0("cancelled").and_then(|c| c.is_truthy()) {
+            Ok(true) => {
+                let timeout = self.timeout.map_or_else(String::new, |t| format!(" of {:.3} s", t.as_secs_f64()));
+                Err(pyo3::exceptions::PyTimeoutError::new_err(format!("cancelled at its deadline (timeout{timeout})")))
+            }
+            Ok(false) => match future.call_method0("exception") {
+                Ok(exception) if exception.is_none() => Ok(()),
+                Ok(exception) => Err(PyErr::from_value(exception)),
+                Err(error) => Err(error),
+            },
+            Err(error) => Err(error),
+        };
+        self.report(py, task, outcome);
+    }
 }
