@@ -225,8 +225,7 @@ mod tests {
 
     use super::*;
     use crate::lane::RetryPolicy;
-    use crate::mock::MockKafka;
-    use crate::seed::{self, Record};
+    use crate::mock::seeded;
 
     /// Per lane and partition, the offsets each call saw, in call order.
     type Seen = Arc<Mutex<BTreeMap<(usize, i32), Vec<i64>>>>;
@@ -273,24 +272,6 @@ mod tests {
         }
     }
 
-    fn cluster_with(partitions: i32, per_partition: usize) -> (MockKafka, SourceConfig) {
-        let cluster = MockKafka::new(1).expect("mock cluster");
-        cluster.create_topic("t", partitions).expect("topic");
-        for p in 0..partitions {
-            let values = vec![b"v".to_vec(); per_partition];
-            let records = values.iter().map(|v| Record { key: None, value: v, partition: Some(p) });
-            seed::produce(&cluster.bootstrap(), "t", records).expect("produce");
-        }
-        let config = SourceConfig {
-            bootstrap: cluster.bootstrap(),
-            group: "g".into(),
-            topics: vec!["t".into()],
-            kafka: vec![],
-            connect_timeout: Duration::from_secs(10),
-        };
-        (cluster, config)
-    }
-
     /// Asserts `seen` is exactly `0..count`, naming the first place it is not.
     fn assert_all_in_order(seen: &[i64], count: i64, what: &str) {
         let first_wrong = seen.iter().zip(0..).position(|(&s, e)| s != e);
@@ -320,7 +301,7 @@ mod tests {
 
     #[test]
     fn every_lane_sees_every_partition_in_order_then_a_rerun_finds_nothing() {
-        let (_cluster, config) = cluster_with(3, 400);
+        let (_cluster, config) = seeded(&[400; 3]);
         let engine = Engine::default();
         let seen = Seen::default();
         let options = drain(vec![lane("a", 64, 2), lane("b", 7, 1)]);
@@ -341,8 +322,8 @@ mod tests {
     }
 
     #[test]
-    fn a_full_lane_pauses_fetching_and_never_exceeds_its_bound() {
-        let (_cluster, config) = cluster_with(2, 500);
+    fn a_full_lane_holds_back_fetching_and_never_exceeds_its_bound() {
+        let (_cluster, config) = seeded(&[500; 2]);
         let engine = Engine::default();
         let seen = Seen::default();
         let mut slow = lane("slow", 50, 1);
@@ -361,7 +342,7 @@ mod tests {
 
     #[test]
     fn a_failed_batch_is_not_committed() {
-        let (_cluster, config) = cluster_with(1, 300);
+        let (_cluster, config) = seeded(&[300; 1]);
         let engine = Engine::default();
         let seen = Seen::default();
         let options = drain(vec![lane("a", 50, 1)]);
@@ -382,7 +363,7 @@ mod tests {
         // Fetched batches hold 100 messages (lane b's size); lane a calls in slices of 10 and
         // fails the one holding offset 25. Later slices of that batch succeeding must not
         // finish it for lane a.
-        let (_cluster, config) = cluster_with(1, 300);
+        let (_cluster, config) = seeded(&[300; 1]);
         let engine = Engine::default();
         let options = drain(vec![lane("a", 10, 1), lane("b", 100, 1)]);
         let outcome = engine.run(&config, &options, recorder(Seen::default(), Some(25), Duration::ZERO));
@@ -395,7 +376,7 @@ mod tests {
 
     #[test]
     fn a_failed_call_is_retried_for_its_lane_alone_and_everything_is_committed() {
-        let (_cluster, config) = cluster_with(2, 300);
+        let (_cluster, config) = seeded(&[300; 2]);
         let engine = Engine::default();
         let seen = Seen::default();
         let mut retried = lane("a", 50, 1);
@@ -422,7 +403,7 @@ mod tests {
 
     #[test]
     fn a_lane_rate_limit_paces_its_calls() {
-        let (_cluster, config) = cluster_with(1, 400);
+        let (_cluster, config) = seeded(&[400; 1]);
         let engine = Engine::default();
         let mut limited = lane("a", 100, 1);
         limited.rate_limit = Some(RateLimit { per_second: 1000.0, burst: 100 });
@@ -437,7 +418,7 @@ mod tests {
 
     #[test]
     fn stop_before_run_ends_that_run_at_once() {
-        let (_cluster, config) = cluster_with(1, 10);
+        let (_cluster, config) = seeded(&[10; 1]);
         let engine = Engine::default();
         engine.stop();
         let options = RunOptions { idle_timeout: None, ..drain(vec![lane("a", 10, 1)]) };

@@ -9,6 +9,7 @@ pub mod dlq;
 pub mod engine;
 pub mod errors;
 pub mod fetch;
+pub mod inspect;
 pub mod lane;
 pub mod limit;
 pub mod mock;

@@ -17,7 +17,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError, Weak};
 use std::time::{Duration, Instant};
 
-use rdkafka::consumer::{CommitMode, Consumer};
+use rdkafka::consumer::Consumer;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 
@@ -376,10 +376,7 @@ impl<E: CallFailure + 'static> Pool<E> {
         }
         if fired.commit {
             if let Some(consumer) = self.consumer() {
-                match consumer.commit_consumer_state(CommitMode::Async) {
-                    Ok(()) | Err(KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset)) => {}
-                    Err(e) => log::warn!("commit failed: {e}"),
-                }
+                crate::source::commit_async(&consumer);
             }
         }
         if fired.ready {
@@ -801,7 +798,7 @@ impl<E: CallFailure + 'static> Intake for Pool<E> {
     }
 
     /// Offers a sealed batch to every lane. `Err` gives it back when a lane is full: the
-    /// source holds it and pauses its partition, and is woken once the lane has room. A
+    /// source holds it and takes nothing more, and is woken once the lane has room. A
     /// batch of a partition no longer assigned is dropped.
     fn submit(&self, batch: Arc<Batch>) -> Result<(), Arc<Batch>> {
         let mut state = self.lock();

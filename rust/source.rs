@@ -1,16 +1,19 @@
 //! The Kafka side: one OS thread runs a `BaseConsumer` poll loop and seals fetched messages
-//! into per-partition batches by size and by linger, then offers them to the pool. A batch
-//! the pool refuses (a lane is full) is held here and its partition paused; it is offered
-//! again, and the partition resumed, once the lanes drain. Rebalance callbacks run on this
-//! thread, inside `poll`.
+//! into per-partition batches by size and by linger, then offers them to the pool.
+//! Rebalance callbacks run on this thread, inside `poll`.
+//!
+//! Holding back: a batch the pool refuses (a lane is full) is held here, and while anything
+//! is held, or the app's rate limit (charged once per take) is over budget, the loop takes
+//! nothing from librdkafka: it sleeps on an empty queue of its own. librdkafka's prefetch
+//! queue, bounded by `queued.max.messages.kbytes`, then fills and its fetchers stop; when the
+//! pool has room again (it wakes the loop) or the budget is back, taking resumes at once,
+//! from memory. Pausing partitions instead makes librdkafka drop what it prefetched and
+//! fetch it again, about 200 ms a cycle: ten times slower for a plugin that is just busy.
 //!
 //! This thread also drives the pool's timer wheel. It sleeps in librdkafka's queue wait
 //! until the wheel's next deadline, and is woken early by a message, by an event on the
-//! consumer queue (its non-empty callback), by a stop, or by an earlier wheel entry: each
-//! yields the fetch queue. The app's rate limit is charged here, once per take: while over
-//! budget the loop stops taking (it sleeps on an empty queue of its own instead), so
-//! librdkafka's fetchers stop once its prefetch queue is full, and fetching resumes at once,
-//! from memory, when the wheel says the budget is back.
+//! consumer queue (its non-empty callback), by a stop, by room in a full lane, or by an
+//! earlier wheel entry: each yields the queue it sleeps on.
 //!
 //! Delivery: at least once. Offsets are stored only for batches every lane finished, and
 //! committed from the wheel `auto.commit.interval.ms` after they are stored, synchronously on
@@ -52,8 +55,8 @@ pub trait Intake: Send + Sync {
     fn record_high_watermarks(&self, watermarks: Vec<(Partition, i64)>);
     /// Offers a batch; `Err` gives it back when a lane is full.
     fn submit(&self, batch: Arc<Batch>) -> std::result::Result<(), Arc<Batch>>;
-    /// Drain mode: whether nothing new was fetched for the idle timeout, nothing waits to
-    /// be offered, and no partition is paused. Told on every turn of the poll loop (the loop
+    /// Drain mode: whether nothing new was fetched for the idle timeout and nothing waits
+    /// to be offered. Told on every turn of the poll loop (the loop
     /// keeps serving the group while idle), and `false` as soon as anything arrives.
     fn source_idle(&self, idle: bool);
     fn source_failed(&self, error: Error);
@@ -154,16 +157,11 @@ impl ConsumerContext for SourceContext {
         }
     }
 
-    fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+    fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         match rebalance {
             Rebalance::Assign(tpl) => {
                 let assigned = partitions(tpl);
                 log::info!("assigned {} partition(s)", assigned.len());
-                // librdkafka keeps an application pause across revoke and reassignment; a
-                // partition paused for backpressure before a revoke must fetch again.
-                if let Err(e) = consumer.resume(tpl) {
-                    log::warn!("resume newly assigned partitions: {e}");
-                }
                 self.intake.assign(assigned);
                 *lock(&self.assigned_at) = Some(Instant::now());
             }
@@ -190,6 +188,28 @@ pub fn commit_sync(consumer: &KafkaConsumer, intake: &dyn Intake, what: &str) {
         // No offset: everything stored was committed already.
         Ok(()) | Err(KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset)) => intake.record_stored_committed(),
         Err(e) => log::warn!("{what} failed: {e}"),
+    }
+}
+
+/// Starts a commit of the stored offsets; its result comes back through `commit_callback`.
+/// (`commit_consumer_state(Async)` sends a manual commit's result nowhere: librdkafka routes
+/// it only to a callback set in the configuration, which the event API leaves unset.)
+pub fn commit_async(consumer: &KafkaConsumer) {
+    let client = consumer.client().native_ptr();
+    // SAFETY: the handle is alive for the borrow. The consumer queue reference returned is
+    // ours and released right after; librdkafka holds its own while the commit runs.
+    let err = unsafe {
+        let queue = rdkafka::bindings::rd_kafka_queue_get_consumer(client);
+        if queue.is_null() {
+            log::warn!("commit: no consumer queue");
+            return;
+        }
+        let err = rdkafka::bindings::rd_kafka_commit_queue(client, std::ptr::null(), queue, None, std::ptr::null_mut());
+        rdkafka::bindings::rd_kafka_queue_destroy(queue);
+        err
+    };
+    if err != rdkafka::bindings::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR {
+        log::warn!("commit failed: {}", RDKafkaErrorCode::from(err));
     }
 }
 
@@ -247,12 +267,12 @@ impl Source {
             FetchQueue::new(&consumer).ok_or_else(|| Error::Internal("librdkafka could not create a queue".into()))?,
         );
         *lock(&consumer.context().fetch) = Some(fetch.clone());
-        // Nothing is forwarded here: the loop sleeps on it while the rate limit holds it back.
-        let throttled = Arc::new(
+        // Nothing is forwarded here: the loop sleeps on it while it may take nothing.
+        let held_back = Arc::new(
             FetchQueue::new(&consumer).ok_or_else(|| Error::Internal("librdkafka could not create a queue".into()))?,
         );
         let waker = Arc::new(Waker::default());
-        *lock(&waker.queues) = vec![fetch.clone(), throttled.clone()];
+        *lock(&waker.queues) = vec![fetch.clone(), held_back.clone()];
         // Events (rebalances, errors, commit results) arrive on the consumer queue, which the
         // loop does not sleep on: its non-empty callback wakes the loop instead.
         let on_event = waker.clone();
@@ -262,7 +282,7 @@ impl Source {
         let consumer = Arc::new(consumer);
         let poll = PollLoop {
             waker,
-            throttled,
+            held_back,
             limiter,
             uncharged: 0,
             rate_timer: None,
@@ -275,7 +295,6 @@ impl Source {
             filling: Vec::new(),
             last_filled: 0,
             held: VecDeque::new(),
-            paused: Vec::new(),
             last_message_at: Instant::now(),
         };
         let intake_on_error = poll.intake.clone();
@@ -340,13 +359,12 @@ struct PollLoop {
     /// Index into `filling` of the last partition pushed to: consecutive messages usually
     /// share a partition, so the lookup is one comparison.
     last_filled: usize,
-    /// Sealed batches the lanes refused, oldest first; their partitions are paused.
+    /// Sealed batches the lanes refused, oldest first; nothing is taken while there are any.
     held: VecDeque<Arc<Batch>>,
-    paused: Vec<Partition>,
     last_message_at: Instant,
     waker: Arc<Waker>,
-    /// An empty queue to sleep on while the rate limit holds fetching back.
-    throttled: Arc<FetchQueue>,
+    /// An empty queue to sleep on while nothing may be taken.
+    held_back: Arc<FetchQueue>,
     /// The app's rate limit; `uncharged` messages of `raw` wait to be charged until
     /// `rate_timer` says the budget is back.
     limiter: Option<Limiter>,
@@ -380,10 +398,10 @@ impl PollLoop {
             let wait = next_timer.map_or(MAX_SLEEP, |at| at.saturating_duration_since(now)).min(MAX_SLEEP);
             let mut raw = std::mem::take(&mut self.raw);
             let before = raw.len();
-            if before == 0 {
+            if before == 0 && self.held.is_empty() {
                 self.fetch.take(wait, self.shape.batch_size, &mut raw);
             } else {
-                self.throttled.take(wait, 1, &mut raw); // never holds a message: a sleep
+                self.held_back.take(wait, 1, &mut raw); // never holds a message: a sleep
             }
             if raw[before..].iter().any(|m| m.error().is_none()) {
                 self.last_message_at = Instant::now();
@@ -499,21 +517,15 @@ impl PollLoop {
             return;
         }
         if let Err(refused) = self.intake.submit(batch) {
-            self.hold(refused);
+            self.held.push_back(refused);
         }
     }
 
-    fn hold(&mut self, batch: Arc<Batch>) {
-        let partition = batch.partition().clone();
-        self.held.push_back(batch);
-        if !self.paused.contains(&partition) {
-            self.set_paused(&partition, true);
-            self.paused.push(partition);
-        }
-    }
-
-    /// Offers held batches again, oldest first; resumes partitions with none left.
+    /// Offers held batches again, oldest first.
     fn offer_held(&mut self) {
+        if self.held.is_empty() {
+            return;
+        }
         let mut still_held = VecDeque::new();
         while let Some(batch) = self.held.pop_front() {
             let blocked = still_held.iter().any(|h: &Arc<Batch>| h.partition() == batch.partition());
@@ -524,32 +536,9 @@ impl PollLoop {
             }
         }
         self.held = still_held;
-        let (keep, resume): (Vec<_>, Vec<_>) =
-            std::mem::take(&mut self.paused).into_iter().partition(|p| self.held.iter().any(|h| h.partition() == p));
-        for partition in &resume {
-            self.set_paused(partition, false);
-        }
-        if !resume.is_empty() {
-            // Fetching restarts now: the idle clock must not count the pause.
+        if self.held.is_empty() {
+            // Taking restarts now: the idle clock must not count the wait.
             self.last_message_at = Instant::now();
-        }
-        self.paused = keep;
-    }
-
-    fn set_paused(&self, partition: &Partition, pause: bool) {
-        let mut tpl = TopicPartitionList::with_capacity(1);
-        tpl.add_partition(&partition.topic, partition.partition);
-        let result = if pause { self.consumer.pause(&tpl) } else { self.consumer.resume(&tpl) };
-        match result {
-            Ok(()) => {
-                log::debug!(
-                    "{} {}[{}]",
-                    if pause { "paused" } else { "resumed" },
-                    partition.topic,
-                    partition.partition
-                );
-            }
-            Err(e) => log::warn!("pause/resume {}[{}]: {e}", partition.topic, partition.partition),
         }
     }
 
@@ -575,12 +564,6 @@ impl PollLoop {
         let before = self.raw.len();
         self.raw.retain(|m| !revoked.iter().any(|p| p.partition == m.partition() && *p.topic == *m.topic()));
         self.uncharged = self.uncharged.saturating_sub(before - self.raw.len());
-        let (gone, kept): (Vec<_>, Vec<_>) =
-            std::mem::take(&mut self.paused).into_iter().partition(|p| revoked.contains(p));
-        for partition in &gone {
-            self.set_paused(partition, false); // the pause outlives the assignment otherwise
-        }
-        self.paused = kept;
     }
 
     /// Charges the app's rate limit for the messages taken and not yet charged, in parts

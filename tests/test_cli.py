@@ -11,6 +11,8 @@ import textwrap
 import time
 from pathlib import Path
 
+import pytest
+
 import fastconsume as fc
 
 from kafka import Cluster, committed, fill, new_group
@@ -57,6 +59,8 @@ def test_run_with_an_object_that_is_not_an_app_exits_2(tmp_path: Path) -> None:
 
 
 APP = """
+import pytest
+
 import fastconsume as fc
 
 app = fc.App({bootstrap!r}, {group!r}, [{topic!r}])
@@ -95,3 +99,101 @@ def test_sigint_stops_gracefully_and_commits(tmp_path: Path, cluster: Cluster) -
         proc.kill()
     assert proc.returncode == 0, err
     assert committed(cluster.bootstrap, group, topic, 1) == [200]
+
+
+BAD_CONFIGS = {
+    "unknown key": ('bootstrap = "127.0.0.1:9092"\ngrup = "g"\n', "grup"),
+    "wrong type": ('bootstrap = "127.0.0.1:9092"\nworkers = "four"\n', "workers"),
+    "bad duration": ('bootstrap = "127.0.0.1:9092"\nshutdown_timeout = "soon"\n', "shutdown_timeout"),
+    "missing module": ('app = "no_such_module:app"\n', "no_such_module"),
+    "missing attribute": ('app = "json:no_such_app"\n', "no_such_app"),
+    "plugin without a batch parameter": ('app = "takes_nothing:app"\n', "must accept one positional argument"),
+}
+
+TAKES_NOTHING = """
+import pytest
+
+import fastconsume as fc
+
+app = fc.App(bootstrap="127.0.0.1:9092", group="g", topics=["t"])
+
+@app.plugin
+def nothing() -> None: ...
+"""
+
+
+@pytest.mark.parametrize("case", sorted(BAD_CONFIGS))
+def test_a_bad_config_exits_2_with_one_line_naming_the_problem(case: str, tmp_path: Path) -> None:
+    toml, named = BAD_CONFIGS[case]
+    (tmp_path / "settings.toml").write_text(toml)
+    (tmp_path / "takes_nothing.py").write_text(TAKES_NOTHING)
+    result = fastconsume("run", "--config", "settings.toml", cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.count("\n") == 1, f"expected one line, got:\n{result.stderr}"
+    assert result.stderr.startswith("fastconsume: "), result.stderr
+    assert named in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_check_shows_partitions_and_lag_and_never_the_password(real_cluster: Cluster, tmp_path: Path) -> None:
+    topic = real_cluster.create_topic(2)
+    fill(real_cluster, topic, 2, 30)
+    secret = "hunter2-do-not-print"
+    (tmp_path / "fastconsume.toml").write_text(
+        textwrap.dedent(f"""
+        bootstrap = "{real_cluster.bootstrap}"
+        group = "{new_group()}"
+        topics = ["{topic}"]
+        [kafka]
+        "sasl.username" = "someone"
+        "sasl.password" = "{secret}"
+        [plugins.anything]
+        entry_point = "no-such-plugin"
+        """)
+    )
+    result = fastconsume("check", cwd=tmp_path)
+    assert result.returncode == 2, "an unknown plugin is a config error"
+    assert secret not in result.stdout + result.stderr
+
+    (tmp_path / "fastconsume.toml").write_text(
+        'app = "app:app"\n' + (tmp_path / "fastconsume.toml").read_text().split("[plugins.anything]")[0]
+    )
+    (tmp_path / "app.py").write_text("import fastconsume as fc\napp = fc.App('x:1', 'g', 't')\napp.plugin(len)\n")
+    result = fastconsume("check", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert secret not in result.stdout + result.stderr
+    assert "sasl.password = ***" in result.stdout
+    assert f"topic {topic}: 2 partition(s), lag 60" in result.stdout, result.stdout
+    assert re.search(r"\[1\] offsets 0\.\.30 +committed - +lag 30", result.stdout), result.stdout
+
+
+def test_logs_never_show_the_password(real_cluster: Cluster, tmp_path: Path) -> None:
+    """A SASL login against a plaintext listener fails and librdkafka logs about it: the
+    password appears nowhere in the output."""
+    secret = "hunter2-do-not-log"
+    topic = real_cluster.create_topic(1)
+    (tmp_path / "app.py").write_text("import fastconsume as fc\napp = fc.App('x:1', 'g', 't')\napp.plugin(len)\n")
+    env = {
+        **os.environ,
+        "FASTCONSUME_BOOTSTRAP": real_cluster.bootstrap,
+        "FASTCONSUME_GROUP": new_group(),
+        "FASTCONSUME_TOPICS": topic,
+        "FASTCONSUME_CONNECT_TIMEOUT": "3s",
+        "FASTCONSUME_KAFKA_SECURITY_PROTOCOL": "sasl_plaintext",
+        "FASTCONSUME_KAFKA_SASL_MECHANISM": "PLAIN",
+        "FASTCONSUME_KAFKA_SASL_USERNAME": "someone",
+        "FASTCONSUME_KAFKA_SASL_PASSWORD": secret,
+    }
+    result = subprocess.run(
+        [sys.executable, "-m", "fastconsume", "run", "app:app", "--idle-timeout", "1"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+        env=env,
+        check=False,
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode == 2, output
+    assert "level=" in output, f"expected librdkafka's complaints in the logs:\n{output}"
+    assert secret not in output

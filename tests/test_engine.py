@@ -147,6 +147,30 @@ def test_stats_report_partitions_after_a_drain(real_cluster: RealCluster) -> Non
         assert entry["lag"] == 0
 
 
+def test_offsets_are_committed_periodically_while_running(real_cluster: RealCluster) -> None:
+    """``auto.commit.interval.ms`` after a batch finishes, its offset is committed (from the
+    timer wheel) and reported by ``stats()``, while the run goes on."""
+    topic, group = real_cluster.create_topic(2), new_group()
+    fill(real_cluster, topic, 2, 100)
+    app = fc.App(real_cluster.bootstrap, group, [topic], kafka={"auto.commit.interval.ms": 300})
+    seen: list[int] = []
+    app.plugin(lambda batch: seen.append(len(batch)), name="count")
+    runner = threading.Thread(target=app.run)
+    runner.start()
+    try:
+        wait_until(lambda: sum(seen) == 200, 60, "every message")
+        wait_until(
+            lambda: [p["committed"] for p in app.stats()["partitions"].values()] == [100, 100],
+            10,
+            "the periodic commit to show in stats()",
+        )
+        assert app.stats()["running"] is True
+        assert committed(real_cluster.bootstrap, group, topic, 2) == [100, 100]
+    finally:
+        app.stop()
+        runner.join(timeout=60)
+
+
 @pytest.mark.parametrize("strategy", ["cooperative-sticky", "range"])
 def test_a_rebalance_keeps_the_work_of_partitions_that_stay(real_cluster: RealCluster, strategy: str) -> None:
     """Another member joining takes some partitions away while the slow lane is full and

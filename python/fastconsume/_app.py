@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
+import inspect
+import logging
 import signal
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
 from types import FrameType
-from typing import Any, TypeVar, overload
+from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 from . import _core
 from ._durations import Duration, seconds
+from ._loading import load_object, load_plugin
 from ._plugins import (
     DEFAULT_BACKOFF,
     DEFAULT_BATCH_SIZE,
@@ -19,6 +23,7 @@ from ._plugins import (
     DEFAULT_MAX_QUEUED,
     DEFAULT_MAX_QUEUED_BYTES,
     DEFAULT_RETRIES,
+    PLUGIN_OPTIONS,
     AsyncLoop,
     OnFailure,
     Plugin,
@@ -28,7 +33,12 @@ from ._plugins import (
     rate_limit_of,
 )
 from ._process import process_stats
-from .errors import ConfigError
+from .errors import ConfigError, PluginError
+
+if TYPE_CHECKING:
+    from ._config import Config
+
+log = logging.getLogger("fastconsume")
 
 F = TypeVar("F", bound=PluginFunc)
 
@@ -94,13 +104,19 @@ class App:
         topic_list = [topics] if isinstance(topics, str) else list(topics)
         if not all(isinstance(t, str) for t in topic_list):
             raise ConfigError(f"topics must be strings, got {topic_list!r}")
-        self._core = _core.Consumer(
-            bootstrap=bootstrap,
-            group=group,
-            topics=topic_list,
-            kafka=[(str(k), _property_value(v)) for k, v in (kafka or {}).items()],
-            connect_timeout=seconds(connect_timeout, "connect_timeout"),
-        )
+        # As given, so that a config file or the environment can override some of them.
+        self._settings: dict[str, Any] = {
+            "bootstrap": bootstrap,
+            "group": group,
+            "topics": topic_list,
+            "kafka": dict(kafka or {}),
+            "connect_timeout": connect_timeout,
+            "rate_limit": rate_limit,
+            "workers": workers,
+            "shutdown_timeout": shutdown_timeout,
+            "revoke_timeout": revoke_timeout,
+        }
+        self._core = _core.Consumer(**self.connection())
         if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
             raise ConfigError(f"workers must be a positive integer, got {workers!r}")
         self._workers = workers
@@ -108,6 +124,11 @@ class App:
         self._shutdown_timeout = seconds(shutdown_timeout, "shutdown_timeout")
         self._revoke_timeout = seconds(revoke_timeout, "revoke_timeout")
         self._plugins: list[Plugin] = []
+
+    @property
+    def shutdown_timeout(self) -> float:
+        """Seconds a stop waits for running plugin calls."""
+        return self._shutdown_timeout
 
     @property
     def plugins(self) -> tuple[Plugin, ...]:
@@ -156,7 +177,7 @@ class App:
 
         Usable bare (``@app.plugin``) or with options (``@app.plugin(batch_size=100)``).
         Each plugin has its own lane, so a slow or failing plugin holds back only itself
-        until its lane is full; then fetching pauses for the partitions feeding it.
+        until its lane is full; then fetching holds back until it has drained to half.
 
         Args:
             name: Names the plugin in stats and errors; defaults to the function's name.
@@ -187,27 +208,108 @@ class App:
         """
 
         def register(f: F) -> F:
-            plugin = make_plugin(
-                f,
-                name=name,
-                batch_size=batch_size,
-                linger=linger,
-                concurrency=concurrency,
-                max_queued=max_queued,
-                max_queued_bytes=max_queued_bytes,
-                timeout=timeout,
-                rate_limit=rate_limit,
-                retries=retries,
-                backoff=backoff,
-                dlq=dlq,
-                on_failure=on_failure,
+            self._register(
+                make_plugin(
+                    f,
+                    name=name,
+                    batch_size=batch_size,
+                    linger=linger,
+                    concurrency=concurrency,
+                    max_queued=max_queued,
+                    max_queued_bytes=max_queued_bytes,
+                    timeout=timeout,
+                    rate_limit=rate_limit,
+                    retries=retries,
+                    backoff=backoff,
+                    dlq=dlq,
+                    on_failure=on_failure,
+                )
             )
-            if any(p.name == plugin.name for p in self._plugins):
-                raise ConfigError(f"a plugin named {plugin.name!r} is already registered; pass name=...")
-            self._plugins.append(plugin)
             return f
 
         return register if func is None else register(func)
+
+    def add_plugin(self, plugin: object, /, **options: Any) -> Plugin:
+        """Registers a plugin object with the options of :meth:`plugin`, and returns its record.
+
+        ``plugin`` is a callable taking a :class:`Batch` (sync or ``async``), an instance of a
+        class with such a ``__call__``, or such a class, instantiated with no arguments. An
+        instance may define ``setup()`` and ``teardown()`` (sync or ``async``): ``run()`` calls
+        ``setup`` once before the first batch, in the process that consumes, and ``teardown``
+        once after the last, also when the run fails. That is where per-process resources such
+        as clients and connections belong.
+
+        >>> import fastconsume as fc
+        >>> app = fc.App(bootstrap="127.0.0.1:9092", group="feeds", topics=["events"])
+        >>> class Index:
+        ...     def setup(self) -> None:
+        ...         self.client = {}  # a real plugin opens its connection here
+        ...     def __call__(self, batch: fc.Batch) -> None:
+        ...         for message in batch:
+        ...             self.client[message.offset] = message.value
+        ...     def teardown(self) -> None:
+        ...         self.client.clear()
+        >>> app.add_plugin(Index, batch_size=100, timeout="5s").name
+        'Index'
+        """
+        record = make_plugin(plugin, **options)  # type: ignore[arg-type]
+        self._register(record)
+        return record
+
+    def _register(self, plugin: Plugin) -> None:
+        if any(p.name == plugin.name for p in self._plugins):
+            raise ConfigError(f"a plugin named {plugin.name!r} is already registered; pass name=...")
+        self._plugins.append(plugin)
+
+    @classmethod
+    def from_config(cls, config: Config) -> App:
+        """The app a configuration describes: the app it names (``app = "MODULE:ATTR"``) with
+        its settings and plugin options overridden by the configuration, plus the installed
+        plugins it enables by name (see ``docs/configuration.md``)."""
+        base = load_app(config.app) if config.app else None
+        settings = dict(base._settings) if base is not None else {}
+        settings.update(config.settings)
+        missing = [key for key in ("bootstrap", "group", "topics") if key not in settings]
+        if missing:
+            raise ConfigError(
+                f"{config.source}: missing {', '.join(missing)}: set them in the config file, "
+                f"as FASTCONSUME_{missing[0].upper()}, or in the app"
+            )
+        app = cls(**settings)
+        overrides = dict(config.plugins)
+        for plugin in base.plugins if base is not None else ():
+            app._register(plugin.with_options(**overrides.pop(plugin.name, {})))
+        for name, options in overrides.items():
+            given = dict(options)
+            entry_point = str(given.pop("entry_point", name))
+            app.add_plugin(load_plugin(entry_point), name=name, **given)
+        return app
+
+    def connection(self) -> dict[str, Any]:
+        """How this app reaches Kafka, as the native module's functions take it."""
+        settings = self._settings
+        return {
+            "bootstrap": settings["bootstrap"],
+            "group": settings["group"],
+            "topics": list(settings["topics"]),
+            "kafka": [(str(k), _property_value(v)) for k, v in settings["kafka"].items()],
+            "connect_timeout": seconds(settings["connect_timeout"], "connect_timeout"),
+        }
+
+    def describe(self) -> dict[str, Any]:
+        """The settings and plugins, with secret librdkafka properties hidden, for display.
+
+        >>> import fastconsume as fc
+        >>> app = fc.App("127.0.0.1:9092", "feeds", "events", kafka={"sasl.password": "hunter2"})
+        >>> app.describe()["kafka"]
+        {'sasl.password': '***'}
+        """
+        from ._config import redact  # noqa: PLC0415 -- _config builds on this module
+
+        settings = dict(self._settings)
+        settings["kafka"] = redact(settings["kafka"])
+        settings["plugins"] = {p.name: {option: getattr(p, option) for option in PLUGIN_OPTIONS} for p in self._plugins}
+        return settings
 
     def run(self, *, idle_timeout: Duration | None = None) -> None:
         """Consumes until :meth:`stop`, SIGINT or SIGTERM, then commits and leaves the group.
@@ -225,10 +327,11 @@ class App:
         linger = min(p.linger for p in self._plugins)
         rate_limit = self._rate_limit
         if rate_limit is not None:
-            rate_limit = rate_limit.resolved(max(p.batch_size for p in self._plugins), "App")
+            rate_limit.checked(max(p.batch_size for p in self._plugins), "App")
         with ExitStack() as stack:
             # The event loop lives as long as the run, started only if a plugin is async.
             event_loop = stack.enter_context(AsyncLoop()) if any(p.is_async for p in self._plugins) else None
+            stack.enter_context(_plugins_set_up(self._plugins, event_loop))
 
             def run() -> None:
                 self._core.run(
@@ -279,6 +382,70 @@ class App:
         stats = self._core.stats()
         stats["process"] = process_stats()
         return stats
+
+
+def load_app(target: str) -> App:
+    """The :class:`App` named ``MODULE:ATTR`` or ``path/to/file.py:ATTR``."""
+    app = load_object(target)
+    if not isinstance(app, App):
+        raise ConfigError(f"{target!r} is not a fastconsume.App (got {type(app).__name__})")
+    return app
+
+
+@contextmanager
+def _plugins_set_up(plugins: Sequence[Plugin], event_loop: AsyncLoop | None) -> Iterator[None]:
+    """Calls every plugin's ``setup`` hook, then, however the run ends, the ``teardown`` of
+    each one set up, in reverse order. A failing setup or teardown is a
+    :class:`~fastconsume.errors.PluginError`; a failing teardown is logged and does not hide
+    the run's own error."""
+    done: list[Plugin] = []
+    try:
+        for plugin in plugins:
+            setup = plugin.setup()
+            if setup is not None:
+                try:
+                    _call_hook(setup, event_loop)
+                except Exception as error:
+                    raise PluginError(f"plugin {plugin.name!r}: setup() failed: {error!r}") from error
+            done.append(plugin)
+        yield
+    except BaseException:
+        _tear_down(done, event_loop)
+        raise
+    failures = _tear_down(done, event_loop)
+    if failures:
+        name, failure = failures[0]
+        raise PluginError(f"plugin {name!r}: teardown() failed: {failure!r}") from failure
+
+
+def _tear_down(plugins: Sequence[Plugin], event_loop: AsyncLoop | None) -> list[tuple[str, Exception]]:
+    """Calls the ``teardown`` hooks in reverse order; every failure is logged and returned."""
+    failures: list[tuple[str, Exception]] = []
+    for plugin in reversed(plugins):
+        teardown = plugin.teardown()
+        if teardown is None:
+            continue
+        try:
+            _call_hook(teardown, event_loop)
+        except Exception as error:
+            log.error("plugin %r: teardown() failed: %r", plugin.name, error)
+            failures.append((plugin.name, error))
+    return failures
+
+
+def _call_hook(hook: Callable[[], object], event_loop: AsyncLoop | None) -> None:
+    """Calls a hook; one that returns an awaitable is run to completion, on the app's event
+    loop if there is one (where the plugin's own calls will run)."""
+    result = hook()
+    if inspect.isawaitable(result):
+        if event_loop is not None:
+            event_loop.run(result)
+        else:
+            asyncio.run(_awaiting(result))
+
+
+async def _awaiting(awaitable: Any) -> object:
+    return await awaitable
 
 
 def _property_value(value: object) -> str:

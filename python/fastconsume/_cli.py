@@ -1,40 +1,44 @@
-"""The ``fastconsume`` command. User mistakes exit with status 2 and one line naming them."""
+"""The ``fastconsume`` command. User mistakes exit with status 2 and one line naming them,
+never a traceback."""
 
 from __future__ import annotations
 
 import argparse
-import importlib
+import ctypes
+import dataclasses
+import os
+import signal
 import sys
 from collections.abc import Sequence
 
-from . import __version__
+from . import __version__, _core
 from ._app import App
+from ._config import Config, load_config
 from ._demo import DEFAULT_PARTITIONS, print_report, run_demo
-from .errors import ConfigError, FastconsumeError, PluginError
+from ._loading import installed_plugins
+from ._logs import configure_logging, progress_line
+from ._supervisor import supervise
+from .errors import FastconsumeError, PluginError
 
 USAGE_ERROR = 2
 INTERRUPTED = 130  # the shell's code for a SIGINT exit
+PR_SET_PDEATHSIG = 1  # from <sys/prctl.h>
+STOP_MARGIN = 30.0
+"""Seconds a supervised worker has past its ``shutdown_timeout`` before it is killed."""
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="fastconsume", description="Consume Kafka through Python plugins.")
-    parser.add_argument("--version", action="version", version=f"fastconsume {__version__}")
-    commands = parser.add_subparsers(dest="command", required=True)
-
-    demo = commands.add_parser("demo", help="consume 200,000 messages from an in-process mock cluster")
-    demo.add_argument("--messages", type=int, default=200_000)
-    demo.add_argument("--partitions", type=int, default=DEFAULT_PARTITIONS)
-
-    run = commands.add_parser("run", help="run an App: fastconsume run MODULE:APP")
-    run.add_argument("target", metavar="MODULE:APP")
-    run.add_argument("--idle-timeout", type=float, default=None, help="return after this many idle seconds")
-
-    args = parser.parse_args(argv)
+    args = _parser().parse_args(argv)
     try:
         if args.command == "demo":
             print_report(run_demo(messages=args.messages, partitions=args.partitions))
-        else:
-            load_app(args.target).run(idle_timeout=args.idle_timeout)
+            return 0
+        if args.command == "plugins":
+            return _list_plugins()
+        config = _config(args)
+        if args.command == "check":
+            return _check(App.from_config(config))
+        return _run(args, config)
     except PluginError:
         raise
     except (FastconsumeError, TypeError) as error:
@@ -43,20 +47,112 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt as interrupt:  # a second signal: stop at once, uncommitted work stays
         print(f"fastconsume: {interrupt or 'interrupted'}", file=sys.stderr)
         return INTERRUPTED
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fastconsume", description="Consume Kafka through Python plugins.")
+    parser.add_argument("--version", action="version", version=f"fastconsume {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    demo = commands.add_parser("demo", help="consume 200,000 messages from an in-process mock cluster")
+    demo.add_argument("--messages", type=int, default=200_000)
+    demo.add_argument("--partitions", type=int, default=DEFAULT_PARTITIONS)
+
+    target_help = "MODULE:APP or path/to/file.py:APP; defaults to the config's `app`"
+    config_help = "a fastconsume.toml-shaped file (default: ./fastconsume.toml or ./pyproject.toml)"
+    run = commands.add_parser("run", help="consume with an app until SIGINT or SIGTERM")
+    run.add_argument("target", nargs="?", metavar="TARGET", help=target_help)
+    run.add_argument("--config", metavar="FILE", help=config_help)
+    run.add_argument("--processes", type=int, default=None, help="worker processes in the same group (default 1)")
+    run.add_argument("--idle-timeout", type=float, default=None, help="return after this many idle seconds")
+    run.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)  # started by the supervisor
+
+    check = commands.add_parser("check", help="validate the config, connect, and show partitions and lag")
+    check.add_argument("target", nargs="?", metavar="TARGET", help=target_help)
+    check.add_argument("--config", metavar="FILE", help=config_help)
+
+    commands.add_parser("plugins", help="list the plugins installed through entry points")
+    return parser
+
+
+def _config(args: argparse.Namespace) -> Config:
+    config = load_config(args.config, environ=os.environ)
+    if args.target:
+        config = dataclasses.replace(config, app=args.target)
+    return config
+
+
+def _run(args: argparse.Namespace, config: Config) -> int:
+    processes = args.processes if args.processes is not None else config.processes
+    if processes < 1:
+        print(f"fastconsume: --processes must be at least 1, got {processes}", file=sys.stderr)
+        return USAGE_ERROR
+    if args.worker:
+        _stop_with_supervisor()
+    app = App.from_config(config)  # every mistake surfaces here, before any worker starts
+    configure_logging()
+    if processes > 1 and not args.worker:
+        command = [sys.executable, "-m", "fastconsume", "run", "--worker"]
+        if args.target:
+            command.append(args.target)
+        if args.config:
+            command += ["--config", args.config]
+        if args.idle_timeout is not None:
+            command += ["--idle-timeout", str(args.idle_timeout)]
+        # Workers get their own shutdown_timeout to finish, and some to commit and leave.
+        return supervise(command, processes, stop_timeout=app.shutdown_timeout + STOP_MARGIN)
+    with progress_line(app):
+        app.run(idle_timeout=args.idle_timeout)
     return 0
 
 
-def load_app(target: str) -> App:
-    """Imports ``MODULE:ATTRIBUTE`` and checks that it is an :class:`App`."""
-    module_name, _, attribute = target.partition(":")
-    if not module_name or not attribute:
-        raise ConfigError(f"expected MODULE:APP, got {target!r}")
-    sys.path.insert(0, ".")
+def _stop_with_supervisor() -> None:
+    """Asks Linux to send this worker SIGTERM if its supervisor dies: workers run in their own
+    session (so a terminal's Ctrl-C reaches only the supervisor), and must not outlive it."""
     try:
-        module = importlib.import_module(module_name)
-    except ImportError as error:
-        raise ConfigError(f"cannot import {module_name!r}: {error}") from error
-    app = getattr(module, attribute, None)
-    if not isinstance(app, App):
-        raise ConfigError(f"{target!r} is not a fastconsume.App (got {type(app).__name__})")
-    return app
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):
+        return  # not Linux: the supervisor's stop still reaches the workers
+    if os.getppid() == 1:  # the supervisor died before the request took effect
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _check(app: App) -> int:
+    """Prints the settings (secrets hidden), then what the brokers say of the topics."""
+    settings = app.describe()
+    print(f"bootstrap: {settings['bootstrap']}\ngroup: {settings['group']}")
+    for name, value in settings["kafka"].items():
+        print(f"kafka.{name} = {value}")
+    for name, options in settings["plugins"].items():
+        print(f"plugin {name}: " + ", ".join(f"{k}={v!r}" for k, v in options.items()))
+    report = _core.inspect(**app.connection())
+    print(f"brokers: {', '.join(report['brokers'])}")
+    state = report["group_state"] or "unknown"
+    print(f"group {report['group']!r}: {state}, {len(report['members'])} member(s)")
+    for topic, found in report["topics"].items():
+        if found["error"]:
+            print(f"topic {topic}: {found['error']}")
+            continue
+        partitions = found["partitions"]
+        lag = sum(p["lag"] or 0 for p in partitions)
+        print(f"topic {topic}: {len(partitions)} partition(s), lag {lag}")
+        for p in partitions:
+            committed = "-" if p["committed"] is None else p["committed"]
+            owner = p["owner"] or "unassigned"
+            print(
+                f"  [{p['partition']}] offsets {p['low']}..{p['high']}  committed {committed}  "
+                f"lag {p['lag']}  owner {owner}"
+            )
+    return 0
+
+
+def _list_plugins() -> int:
+    installed = installed_plugins()
+    if not installed:
+        print('no plugins installed (packages declare them under [project.entry-points."fastconsume.plugins"])')
+    for name, entry_point in sorted(installed.items()):
+        dist = entry_point.dist
+        origin = f"  ({dist.name} {dist.version})" if dist is not None else ""
+        print(f"{name}  {entry_point.value}{origin}")
+    return 0

@@ -1,9 +1,9 @@
 """Stubs for the native module. Checked against the module by ``mypy.stubtest``."""
 
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any, Protocol, final
+from typing import Any, Protocol, TypedDict, final
 
-__all__ = ["Batch", "Consumer", "Message", "MockCluster", "__version__", "produce"]
+__all__ = ["Batch", "Consumer", "Message", "MockCluster", "__version__", "inspect", "produce"]
 __version__: str
 
 @final
@@ -84,7 +84,7 @@ class PluginSpec(Protocol):
     @property
     def dlq(self) -> str | None: ...
     @property
-    def on_failure(self) -> str: ...
+    def failure_policy(self) -> str: ...
 
 class RateLimitSpec(Protocol):
     """What ``Consumer.run`` reads of a rate limit (``fastconsume.RateLimit``, burst set)."""
@@ -145,3 +145,42 @@ def produce(
     partition: int | None = None,
 ) -> int:
     """Produces ``values`` to ``topic`` and waits for every acknowledgement."""
+
+class _InspectMember(TypedDict):
+    member_id: str
+    client_id: str
+    host: str
+    assignment: dict[str, list[int]]
+
+class _InspectPartition(TypedDict):
+    partition: int
+    low: int
+    high: int
+    committed: int | None
+    lag: int | None
+    owner: str | None
+
+class _InspectTopic(TypedDict):
+    error: str | None
+    partitions: list[_InspectPartition]
+
+class _InspectReport(TypedDict):
+    brokers: list[str]
+    group: str
+    group_state: str | None
+    members: list[_InspectMember]
+    topics: dict[str, _InspectTopic]
+
+def inspect(
+    *,
+    bootstrap: str,
+    group: str,
+    topics: list[str],
+    kafka: list[tuple[str, str]],
+    connect_timeout: float,
+) -> _InspectReport:
+    """Connects (each broker call bounded by ``connect_timeout`` seconds) and reports the
+    brokers, the group's state, members and assignment, and per topic its partitions'
+    watermarks, committed offsets, lag and owners, without joining the group. A topic's
+    problems (unknown topic, unreadable watermarks) are in its ``"error"``; ``low``/``high``
+    are -1 when unknown."""

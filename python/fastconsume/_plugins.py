@@ -10,7 +10,7 @@ import math
 import threading
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 from ._core import Batch
 from ._durations import Duration, seconds
@@ -56,15 +56,15 @@ class RateLimit:
         if burst is not None and (isinstance(burst, bool) or not isinstance(burst, int) or burst < 1):
             raise ConfigError(f"rate_limit: burst must be a positive integer, got {self.burst!r}")
 
-    def resolved(self, batch_size: int, what: str) -> RateLimit:
-        """This limit with its burst set, checked against the batch size it is charged."""
-        burst = batch_size if self.burst is None else self.burst
-        if burst < batch_size:
+    def checked(self, batch_size: int, what: str) -> RateLimit:
+        """This limit, checked against the batch size it is charged; an unset burst is the
+        batch size."""
+        if self.burst is not None and self.burst < batch_size:
             raise ConfigError(
-                f"{what}: rate_limit burst ({burst}) must be at least the batch size ({batch_size}), "
+                f"{what}: rate_limit burst ({self.burst}) must be at least the batch size ({batch_size}), "
                 "since a batch is charged at once"
             )
-        return RateLimit(self.per_second, burst)
+        return self
 
 
 def rate_limit_of(value: float | RateLimit | None) -> RateLimit | None:
@@ -79,7 +79,9 @@ def rate_limit_of(value: float | RateLimit | None) -> RateLimit | None:
 
 @dataclass(frozen=True)
 class Plugin:
-    """A registered plugin and its validated options (durations in seconds)."""
+    """A registered plugin and its validated options (durations in seconds). Options that
+    default from others stay as given: ``rate_limit.burst`` (from ``batch_size``) and
+    ``on_failure`` (from ``dlq``), so :meth:`with_options` derives them again."""
 
     name: str
     func: PluginFunc
@@ -93,8 +95,54 @@ class Plugin:
     retries: int
     backoff: tuple[float, float]
     dlq: str | None
-    on_failure: OnFailure
+    on_failure: OnFailure | None
     is_async: bool
+
+    @property
+    def failure_policy(self) -> OnFailure:
+        """What happens when retries run out: ``on_failure``, or its default."""
+        return _on_failure(self.on_failure, self.dlq)
+
+    def with_options(self, **overrides: Any) -> Plugin:
+        """This plugin with some options changed, validated again.
+
+        >>> plugin = make_plugin(len, name="count")
+        >>> plugin.with_options(batch_size=50, dlq="events.dlq").failure_policy
+        'dead_letter'
+        """
+        options: dict[str, Any] = {option: getattr(self, option) for option in PLUGIN_OPTIONS}
+        return make_plugin(self.func, name=self.name, **{**options, **overrides})
+
+    def setup(self) -> Callable[[], object] | None:
+        """The plugin object's ``setup`` hook, if it has one (functions have none)."""
+        return _hook(self.func, "setup")
+
+    def teardown(self) -> Callable[[], object] | None:
+        """The plugin object's ``teardown`` hook, if it has one."""
+        return _hook(self.func, "teardown")
+
+
+PLUGIN_OPTIONS = (
+    "batch_size",
+    "linger",
+    "concurrency",
+    "max_queued",
+    "max_queued_bytes",
+    "timeout",
+    "rate_limit",
+    "retries",
+    "backoff",
+    "dlq",
+    "on_failure",
+)
+"""The options of ``App.plugin``, ``App.add_plugin`` and a config file's ``[plugins.NAME]``."""
+
+
+def _hook(func: object, name: str) -> Callable[[], object] | None:
+    if inspect.isfunction(func) or inspect.ismethod(func) or inspect.isbuiltin(func):
+        return None
+    hook = getattr(func, name, None)
+    return hook if callable(hook) else None
 
 
 def _positive_int(value: object, what: str) -> int:
@@ -104,22 +152,32 @@ def _positive_int(value: object, what: str) -> int:
 
 
 def make_plugin(
-    func: PluginFunc,
+    func: PluginFunc | type,
     *,
-    name: str | None,
-    batch_size: int,
-    linger: Duration,
-    concurrency: int,
-    max_queued: int,
-    max_queued_bytes: int,
-    timeout: Duration | None,
-    rate_limit: float | RateLimit | None,
-    retries: int,
-    backoff: tuple[Duration, Duration],
-    dlq: str | None,
-    on_failure: OnFailure | None,
+    name: str | None = None,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    linger: Duration = DEFAULT_LINGER,
+    concurrency: int = DEFAULT_CONCURRENCY,
+    max_queued: int = DEFAULT_MAX_QUEUED,
+    max_queued_bytes: int = DEFAULT_MAX_QUEUED_BYTES,
+    timeout: Duration | None = None,
+    rate_limit: float | RateLimit | None = None,
+    retries: int = DEFAULT_RETRIES,
+    backoff: tuple[Duration, Duration] = DEFAULT_BACKOFF,
+    dlq: str | None = None,
+    on_failure: OnFailure | None = None,
 ) -> Plugin:
-    """Validates a plugin at registration, so mistakes surface before ``run()``."""
+    """Validates a plugin at registration, so mistakes surface before ``run()``. A class is
+    instantiated with no arguments: its instances are the plugin.
+
+    >>> make_plugin(len, name="count", linger="5ms").linger
+    0.005
+    """
+    if isinstance(func, type):
+        try:
+            func = func()
+        except TypeError as error:
+            raise TypeError(f"plugin class {func.__name__!r} must take no constructor arguments: {error}") from None
     if not callable(func):
         raise TypeError(f"a plugin must be callable, got {type(func).__name__}: {func!r}")
     try:
@@ -141,7 +199,7 @@ def make_plugin(
         raise ConfigError(f"retries must be a non-negative integer, got {retries!r}")
     if dlq is not None and (not isinstance(dlq, str) or not dlq.strip()):
         raise ConfigError(f"dlq must be a topic name, got {dlq!r}")
-    policy = _on_failure(on_failure, dlq)
+    _on_failure(on_failure, dlq)
     call_timeout = None if timeout is None else seconds(timeout, "timeout")
     if call_timeout == 0:
         raise ConfigError("timeout must be positive; pass None for no deadline")
@@ -155,11 +213,11 @@ def make_plugin(
         max_queued=max_queued,
         max_queued_bytes=max_queued_bytes,
         timeout=call_timeout,
-        rate_limit=None if limit is None else limit.resolved(batch_size, f"plugin {plugin_name!r}"),
+        rate_limit=limit if limit is None else limit.checked(batch_size, f"plugin {plugin_name!r}"),
         retries=retries,
         backoff=_backoff(backoff),
         dlq=dlq,
-        on_failure=policy,
+        on_failure=on_failure,
         is_async=_is_async(func),
     )
 
@@ -214,6 +272,10 @@ class AsyncLoop:
         self._thread.join()
         self._loop.close()
 
+    def run(self, awaitable: Awaitable[object]) -> object:
+        """Runs ``awaitable`` on the loop and waits for its result (for setup and teardown)."""
+        return asyncio.run_coroutine_threadsafe(_awaiting(awaitable), self._loop).result()
+
     def start(
         self, func: AsyncPlugin, batch: Batch, done: Callable[[concurrent.futures.Future[object]], object]
     ) -> concurrent.futures.Future[object]:
@@ -226,3 +288,7 @@ class AsyncLoop:
 
 async def _awaited(func: AsyncPlugin, batch: Batch) -> object:
     return await func(batch)
+
+
+async def _awaiting(awaitable: Awaitable[object]) -> object:
+    return await awaitable

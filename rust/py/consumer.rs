@@ -36,6 +36,21 @@ fn duration(py: Python<'_>, seconds: f64, what: &str) -> PyResult<Duration> {
     Duration::try_from_secs_f64(seconds).map_err(|e| to_pyerr(py, &Error::Config(format!("{what}: {e}"))))
 }
 
+/// The consumer settings Python passes, checked.
+pub(super) fn source_config(
+    py: Python<'_>,
+    bootstrap: String,
+    group: String,
+    topics: Vec<String>,
+    kafka: Vec<(String, String)>,
+    connect_timeout: f64,
+) -> PyResult<SourceConfig> {
+    let connect_timeout = duration(py, connect_timeout, "connect_timeout")?;
+    let config = SourceConfig { bootstrap, group, topics, kafka, connect_timeout };
+    config.validate().map_err(|e| to_pyerr(py, &e))?;
+    Ok(config)
+}
+
 #[pymethods]
 impl PyConsumer {
     #[new]
@@ -48,14 +63,7 @@ impl PyConsumer {
         kafka: Vec<(String, String)>,
         connect_timeout: f64,
     ) -> PyResult<Self> {
-        let config = SourceConfig {
-            bootstrap,
-            group,
-            topics,
-            kafka,
-            connect_timeout: duration(py, connect_timeout, "connect_timeout")?,
-        };
-        config.validate().map_err(|e| to_pyerr(py, &e))?;
+        let config = source_config(py, bootstrap, group, topics, kafka, connect_timeout)?;
         Ok(PyConsumer { config, engine: Engine::default(), running: AtomicBool::new(false) })
     }
 
@@ -88,7 +96,8 @@ impl PyConsumer {
             workers,
             shutdown_timeout: duration(py, shutdown_timeout, "shutdown_timeout")?,
             revoke_timeout: duration(py, revoke_timeout, "revoke_timeout")?,
-            rate_limit: rate_limit.as_ref().map(Into::into),
+            rate_limit: rate_limit
+                .map(|r| r.with_default_burst(plugins.iter().map(|p| p.batch_size).max().unwrap_or(1))),
         };
         let plugins = Arc::new(Plugins::new(py, &plugins, event_loop));
         let outcome = py.detach(|| self.engine.run(&self.config, &options, move |pool| plugins.serve(pool)));
@@ -159,7 +168,7 @@ impl PyConsumer {
 /// A lane's options from a registered plugin (Python validated them; the engine checks
 /// them again against each other).
 fn lane_options(py: Python<'_>, p: &PluginSpec) -> PyResult<LaneOptions> {
-    let on_failure = match (p.on_failure.as_str(), &p.dlq) {
+    let on_failure = match (p.failure_policy.as_str(), &p.dlq) {
         ("dead_letter", Some(topic)) => OnFailure::DeadLetter(topic.clone()),
         ("retry", _) => OnFailure::RetryForever,
         ("stop", _) => OnFailure::Stop,
@@ -175,7 +184,7 @@ fn lane_options(py: Python<'_>, p: &PluginSpec) -> PyResult<LaneOptions> {
         max_queued: p.max_queued,
         max_queued_bytes: p.max_queued_bytes,
         timeout: p.timeout.map(|t| duration(py, t, "timeout")).transpose()?,
-        rate_limit: p.rate_limit.as_ref().map(Into::into),
+        rate_limit: p.rate_limit.as_ref().map(|r| r.with_default_burst(p.batch_size)),
         retry: RetryPolicy {
             retries: p.retries,
             first_backoff: duration(py, p.backoff.0, "backoff")?,

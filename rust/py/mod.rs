@@ -3,6 +3,7 @@
 mod batch;
 mod consumer;
 mod errors;
+mod inspect;
 mod logs;
 mod mock;
 mod plugins;
@@ -13,5 +14,6 @@ pub fn init_pymodule(m: &Bound<'_, PyModule>) -> PyResult<()> {
     logs::install()?;
     batch::init_pymodule(m)?;
     consumer::init_pymodule(m)?;
+    inspect::init_pymodule(m)?;
     mock::init_pymodule(m)
 }

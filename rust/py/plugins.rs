@@ -23,13 +23,15 @@ use crate::pool::{describe, CallFailure, Pool, Task};
 pub struct RateLimitSpec {
     #[pyo3(attribute)]
     pub per_second: f64,
+    /// `None`: the batch size charged.
     #[pyo3(attribute)]
-    pub burst: u32,
+    pub burst: Option<u32>,
 }
 
-impl From<&RateLimitSpec> for RateLimit {
-    fn from(spec: &RateLimitSpec) -> Self {
-        RateLimit { per_second: spec.per_second, burst: spec.burst }
+impl RateLimitSpec {
+    pub fn with_default_burst(&self, batch_size: usize) -> RateLimit {
+        let burst = self.burst.unwrap_or_else(|| u32::try_from(batch_size).unwrap_or(u32::MAX));
+        RateLimit { per_second: self.per_second, burst }
     }
 }
 
@@ -65,7 +67,7 @@ pub struct PluginSpec {
     pub dlq: Option<String>,
     /// `"dead_letter"`, `"retry"` or `"stop"`.
     #[pyo3(attribute)]
-    pub on_failure: String,
+    pub failure_policy: String,
 }
 
 /// A plugin raised (or an async call was cancelled at its deadline). Boxed: it travels in
