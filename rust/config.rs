@@ -17,12 +17,17 @@ const OWNED_PROPERTIES: [(&str, &str); 4] = [
 ];
 
 /// Defaults that differ from librdkafka's, each overridable through `kafka=`.
-const DEFAULT_PROPERTIES: [(&str, &str); 2] = [
+const DEFAULT_PROPERTIES: [(&str, &str); 3] = [
     // A fan-out consumer that joins late should still see the topic's history.
     ("auto.offset.reset", "earliest"),
     // How often stored offsets are committed (by fastconsume's timer wheel, not librdkafka's
     // auto-commit timer); revoke and shutdown commit synchronously on top of this.
     ("auto.commit.interval.ms", "1000"),
+    // When a plugin is slower than fetching, librdkafka's prefetch queue fills and each
+    // partition's next fetch waits this long; at librdkafka's 1 s the queue could run dry in
+    // the meantime, stalling a busy plugin for most of a second at a time (measured: 160,000
+    // msg/s instead of 320,000 for a 3 us/msg plugin). Re-checking every 100 ms costs nothing.
+    ("fetch.queue.backoff.ms", "100"),
 ];
 
 /// How to reach Kafka and what to consume: the settings of one consumer process.

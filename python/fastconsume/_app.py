@@ -70,7 +70,8 @@ class App:
         group: The consumer group. Processes sharing it share the partitions.
         topics: The topics to consume.
         kafka: librdkafka properties, passed through (values are turned into strings).
-            ``auto.offset.reset`` defaults to ``earliest``. fastconsume sets
+            ``auto.offset.reset`` defaults to ``earliest`` and ``fetch.queue.backoff.ms``
+            to 100 (librdkafka's 1000 can stall a busy plugin while its queue runs dry). fastconsume sets
             ``bootstrap.servers``, ``group.id``, ``enable.auto.commit`` and
             ``enable.auto.offset.store`` itself.
         connect_timeout: How long ``run()`` waits for the brokers before raising

@@ -371,7 +371,7 @@ TOP_LEVEL_KEYS: tuple[Key, ...] = (
         "`{}`",
         "librdkafka properties, passed through (values become strings). Quote dotted names "
         '(`"sasl.username" = "feeds"`) or nest them (`[kafka.sasl]` `username = "feeds"`): both are the '
-        "same property. `auto.offset.reset` defaults to `earliest`; fastconsume sets `bootstrap.servers`, "
+        "same property. `auto.offset.reset` defaults to `earliest` and `fetch.queue.backoff.ms` to 100; fastconsume sets `bootstrap.servers`, "
         "`group.id`, `enable.auto.commit` and `enable.auto.offset.store` itself.",
     ),
     Key(
