@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 import fastconsume as fc
-from fastconsume._config import SECRET_WORDS, Config, load_config, redact, reference
+from fastconsume._config import CONFIG_FILE, SECRET_WORDS, Config, load_config, redact, reference
 from fastconsume._plugins import DEFAULT_BATCH_SIZE, DEFAULT_MAX_QUEUED_BYTES
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -279,7 +279,7 @@ def test_unknown_key_in_pyproject_names_its_table(tmp_path: Path) -> None:
         ("rate_limit = -1\n", "fastconsume.toml: rate_limit: expected a positive number, got -1"),
         ("rate_limit = 'fast'\n", "fastconsume.toml: rate_limit: expected messages per second or a table"),
         ("rate_limit = { burst = 10 }\n", "fastconsume.toml: rate_limit: a rate_limit table needs per_second"),
-        ("kafka = 'x'\n", "fastconsume.toml: kafka: expected a table, got 'x'"),
+        ("kafka = 'sasl.password=x'\n", "fastconsume.toml: kafka: expected a table, got a str"),
         (
             "[kafka]\n'sasl.password' = ['hunter2']\n",
             "fastconsume.toml: kafka.sasl.password: expected a string, number",
@@ -412,3 +412,44 @@ def test_reference_example_is_a_valid_config(tmp_path: Path) -> None:
     config = load(tmp_path, {"fastconsume.toml": example})
     assert config.app == "feeds.app:app"
     assert set(config.plugins) == {"index", "audit"}
+
+
+APP_WITH_KAFKA = """
+import fastconsume as fc
+
+app = fc.App("127.0.0.1:9092", "feeds", "events", kafka={"client.id": "from-app", "sasl.username": "feeds"})
+
+@app.plugin
+def count(batch: fc.Batch) -> None: ...
+"""
+
+
+def test_the_environment_overrides_one_property_of_the_apps_kafka_and_keeps_the_rest(tmp_path: Path) -> None:
+    (tmp_path / "kafka_app.py").write_text(APP_WITH_KAFKA)
+    config = load_config(
+        cwd=tmp_path,
+        environ={"FASTCONSUME_APP": f"{tmp_path / 'kafka_app.py'}:app", "FASTCONSUME_KAFKA_SASL_PASSWORD": "hunter2"},
+    )
+    kafka = fc.App.from_config(config).describe()["kafka"]
+    assert kafka == {"client.id": "from-app", "sasl.username": "feeds", "sasl.password": "***"}
+
+
+def test_an_entry_point_on_a_plugin_of_the_app_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "kafka_app.py").write_text(APP_WITH_KAFKA)
+    (tmp_path / CONFIG_FILE).write_text(
+        f'app = "{tmp_path / "kafka_app.py"}:app"\n[plugins.count]\nentry_point = "x"\n'
+    )
+    with pytest.raises(fc.ConfigError, match=r"plugins\.count: names a plugin of the app"):
+        fc.App.from_config(load_config(cwd=tmp_path, environ={}))
+
+
+def test_validate_refuses_what_run_would() -> None:
+    app = fc.App("127.0.0.1:9092", "feeds", "events", rate_limit=fc.RateLimit(100, burst=5))
+    with pytest.raises(fc.ConfigError, match="register at least one plugin"):
+        app.validate()
+    app.plugin(lambda batch: None, name="small", batch_size=10, max_queued=10)
+    with pytest.raises(fc.ConfigError, match="burst"):
+        app.validate()
+    app.plugin(lambda batch: None, name="large", batch_size=500)
+    with pytest.raises(fc.ConfigError, match=r"'small': max_queued \(10\) must be at least the largest batch_size"):
+        app.validate()

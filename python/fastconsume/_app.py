@@ -10,7 +10,7 @@ import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
 from types import FrameType
-from typing import TYPE_CHECKING, Any, TypeVar, overload
+from typing import TYPE_CHECKING, Any, TypeVar, cast, overload
 
 from . import _core
 from ._durations import Duration, seconds
@@ -269,7 +269,13 @@ class App:
         plugins it enables by name (see ``docs/configuration.md``)."""
         base = load_app(config.app) if config.app else None
         settings = dict(base._settings) if base is not None else {}
+        # Property by property: FASTCONSUME_KAFKA_SASL_PASSWORD must not drop the app's others.
+        kafka: dict[str, object] = {
+            **settings.get("kafka", {}),
+            **cast(Mapping[str, object], config.settings.get("kafka", {})),
+        }
         settings.update(config.settings)
+        settings["kafka"] = kafka
         missing = [key for key in ("bootstrap", "group", "topics") if key not in settings]
         if missing:
             raise ConfigError(
@@ -279,7 +285,13 @@ class App:
         app = cls(**settings)
         overrides = dict(config.plugins)
         for plugin in base.plugins if base is not None else ():
-            app._register(plugin.with_options(**overrides.pop(plugin.name, {})))
+            options = overrides.pop(plugin.name, {})
+            if "entry_point" in options:
+                raise ConfigError(
+                    f"{config.source}: plugins.{plugin.name}: names a plugin of the app; "
+                    "entry_point is only for installed plugins"
+                )
+            app._register(plugin.with_options(**options))
         for name, options in overrides.items():
             given = dict(options)
             entry_point = str(given.pop("entry_point", name))
@@ -322,13 +334,9 @@ class App:
         work is committed. A plugin that raises stops the run with
         :class:`~fastconsume.errors.PluginError`.
         """
-        if not self._plugins:
-            raise ConfigError("register at least one plugin before run()")
-        idle = None if idle_timeout is None else seconds(idle_timeout, "idle_timeout")
+        idle = self.validate(idle_timeout=idle_timeout)
         linger = min(p.linger for p in self._plugins)
         rate_limit = self._rate_limit
-        if rate_limit is not None:
-            rate_limit.checked(max(p.batch_size for p in self._plugins), "App")
         with ExitStack() as stack:
             # The event loop lives as long as the run, started only if a plugin is async.
             event_loop = stack.enter_context(AsyncLoop()) if any(p.is_async for p in self._plugins) else None
@@ -352,6 +360,32 @@ class App:
             else:
                 run()
 
+    def validate(self, *, idle_timeout: Duration | None = None) -> float | None:
+        """Checks what only the whole app can check (``run()`` does it first): a plugin at
+        least, every lane able to hold a whole fetched batch, the app's rate limit against
+        it. Returns ``idle_timeout`` in seconds.
+
+        >>> import fastconsume as fc
+        >>> app = fc.App("127.0.0.1:9092", "feeds", "events")
+        >>> app.validate()
+        Traceback (most recent call last):
+        ...
+        fastconsume.errors.ConfigError: register at least one plugin before run()
+        """
+        if not self._plugins:
+            raise ConfigError("register at least one plugin before run()")
+        # Batches are fetched as large as the largest batch_size, and a lane takes whole ones.
+        largest = max(p.batch_size for p in self._plugins)
+        for p in self._plugins:
+            if p.max_queued < largest:
+                raise ConfigError(
+                    f"plugin {p.name!r}: max_queued ({p.max_queued}) must be at least the largest "
+                    f"batch_size of the app ({largest})"
+                )
+        if self._rate_limit is not None:
+            self._rate_limit.checked(largest, "App")
+        return None if idle_timeout is None else seconds(idle_timeout, "idle_timeout")
+
     def _worker_count(self) -> int:
         if self._workers is not None:
             return self._workers
@@ -366,6 +400,7 @@ class App:
     def stats(self) -> dict[str, Any]:
         """Counters of the current or last run.
 
+        - ``running``: whether a run is going on;
         - ``messages``: fetched and handed to the plugins;
         - ``plugins``: per plugin, ``batches``, ``messages`` and ``errors`` handled (calls,
           retries included), ``in_flight`` calls, ``queued`` messages (waiting or running),
@@ -410,6 +445,10 @@ def _plugins_set_up(plugins: Sequence[Plugin], event_loop: AsyncLoop | None) -> 
                     raise PluginError(f"plugin {plugin.name!r}: setup() failed: {error!r}") from error
             done.append(plugin)
         yield
+    except KeyboardInterrupt:
+        # A second signal: calls may still be running, and the exit must be immediate.
+        log.warning("stopping at once: teardown() skipped, plugin calls may still be running")
+        raise
     except BaseException:
         _tear_down(done, event_loop)
         raise

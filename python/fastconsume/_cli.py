@@ -37,11 +37,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _list_plugins()
         config = _config(args)
         if args.command == "check":
-            return _check(App.from_config(config))
+            app = App.from_config(config)
+            app.validate()  # what run() would refuse, check refuses too
+            return _check(app)
         return _run(args, config)
     except PluginError:
         raise
-    except (FastconsumeError, TypeError) as error:
+    except FastconsumeError as error:
         print(f"fastconsume: {error}", file=sys.stderr)
         return USAGE_ERROR
     except KeyboardInterrupt as interrupt:  # a second signal: stop at once, uncommitted work stays
@@ -90,6 +92,7 @@ def _run(args: argparse.Namespace, config: Config) -> int:
     if args.worker:
         _stop_with_supervisor()
     app = App.from_config(config)  # every mistake surfaces here, before any worker starts
+    app.validate(idle_timeout=args.idle_timeout)
     configure_logging()
     if processes > 1 and not args.worker:
         command = [sys.executable, "-m", "fastconsume", "run", "--worker"]

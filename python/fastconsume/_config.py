@@ -275,6 +275,9 @@ def _kafka(value: object, where: str) -> dict[str, str]:
     """librdkafka properties as strings. A dotted key written bare (``sasl.password = ...``)
     is a nested table in TOML, so nested tables are joined back into dotted names."""
     properties: dict[str, str] = {}
+    if not isinstance(value, Mapping):
+        # The type only: a string here may well be "sasl.password=...".
+        raise ConfigError(f"{where}: expected a table, got a {type(value).__name__}")
 
     def add(table: object, prefix: str, at: str) -> None:
         for name, item in _table(table, at).items():
@@ -371,8 +374,8 @@ TOP_LEVEL_KEYS: tuple[Key, ...] = (
         "`{}`",
         "librdkafka properties, passed through (values become strings). Quote dotted names "
         '(`"sasl.username" = "feeds"`) or nest them (`[kafka.sasl]` `username = "feeds"`): both are the '
-        "same property. `auto.offset.reset` defaults to `earliest` and `fetch.queue.backoff.ms` to 100; fastconsume sets `bootstrap.servers`, "
-        "`group.id`, `enable.auto.commit` and `enable.auto.offset.store` itself.",
+        "same property. `auto.offset.reset` defaults to `earliest` and `fetch.queue.backoff.ms` to 100; "
+        "fastconsume sets `bootstrap.servers`, `group.id`, `enable.auto.commit` and `enable.auto.offset.store` itself.",
     ),
     Key(
         "rate_limit",

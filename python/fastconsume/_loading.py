@@ -28,7 +28,8 @@ def load_object(target: str) -> object:
         raise ConfigError(f"expected MODULE:APP or path/to/file.py:APP, got {target!r}")
     module = _import_file(Path(location)) if location.endswith(".py") else _import_module(location)
     if not hasattr(module, attribute):
-        raise ConfigError(f"module {module.__name__!r} has no attribute {attribute!r}")
+        where = f"{location!r}" if location.endswith(".py") else f"module {module.__name__!r}"
+        raise ConfigError(f"{where} has no attribute {attribute!r}")
     return getattr(module, attribute)
 
 

@@ -76,7 +76,8 @@ def describe_progress(stats: dict[str, Any], rate: float) -> str:
 @contextmanager
 def progress_line(app: App) -> Iterator[None]:
     """While the body runs, rewrites one line on stderr every second, if stderr is a terminal."""
-    if not sys.stderr.isatty():
+    # Supervised workers share the supervisor's terminal: N progress lines would fight.
+    if not sys.stderr.isatty() or os.environ.get("FASTCONSUME_WORKER_INDEX") is not None:
         yield
         return
     done = threading.Event()

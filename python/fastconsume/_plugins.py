@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 from ._core import Batch
 from ._durations import Duration, seconds
-from .errors import ConfigError
+from .errors import ConfigError, PluginSignatureError
 
 SyncPlugin = Callable[[Batch], object]
 AsyncPlugin = Callable[[Batch], Awaitable[object]]
@@ -177,13 +177,17 @@ def make_plugin(
         try:
             func = func()
         except TypeError as error:
-            raise TypeError(f"plugin class {func.__name__!r} must take no constructor arguments: {error}") from None
+            raise PluginSignatureError(
+                f"plugin class {func.__name__!r} must take no constructor arguments: {error}"
+            ) from None
     if not callable(func):
-        raise TypeError(f"a plugin must be callable, got {type(func).__name__}: {func!r}")
+        raise PluginSignatureError(f"a plugin must be callable, got {type(func).__name__}: {func!r}")
     try:
         inspect.signature(func).bind(object())
     except TypeError:
-        raise TypeError(f"plugin {_name_of(func)!r} must accept one positional argument, the batch") from None
+        raise PluginSignatureError(
+            f"plugin {_name_of(func)!r} must accept one positional argument, the batch"
+        ) from None
     except ValueError:
         pass  # no introspectable signature (some builtins): trust the caller
     _positive_int(batch_size, "batch_size")

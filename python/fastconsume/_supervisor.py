@@ -18,7 +18,9 @@ work: it starts the workers, restarts those that crash, and stops them all on a 
 Workers run in their own session (``setsid``), so a Ctrl-C in a terminal reaches only the
 supervisor, and each worker sees the single SIGTERM it forwards: a worker treats a second signal
 as "stop at once, uncommitted", which a terminal's SIGINT plus the forwarded SIGTERM would be.
-The price: a supervisor killed with SIGKILL leaves its workers running.
+A supervisor killed with SIGKILL cannot forward anything; ``fastconsume run --worker`` asks
+Linux for a SIGTERM when its parent dies (``PR_SET_PDEATHSIG``), so its workers still stop
+gracefully.
 
 Linux only: it relies on POSIX signals, ``setsid`` and :func:`signal.set_wakeup_fd`.
 """

@@ -16,7 +16,15 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-__all__ = ["ConfigError", "FastconsumeError", "KafkaConnectionError", "KafkaError", "PartialFailure", "PluginError"]
+__all__ = [
+    "ConfigError",
+    "FastconsumeError",
+    "KafkaConnectionError",
+    "KafkaError",
+    "PartialFailure",
+    "PluginError",
+    "PluginSignatureError",
+]
 
 
 class FastconsumeError(Exception):
@@ -25,6 +33,12 @@ class FastconsumeError(Exception):
 
 class ConfigError(FastconsumeError, ValueError):
     """A setting is invalid: an argument, a plugin option or a librdkafka property."""
+
+
+class PluginSignatureError(ConfigError, TypeError):
+    """A plugin cannot be called with a batch: not callable, no parameter for the batch, or a
+    class that needs constructor arguments. Also a :class:`TypeError`, which is what Python
+    itself raises for a call that does not fit."""
 
 
 class KafkaConnectionError(FastconsumeError, ConnectionError):
