@@ -81,6 +81,11 @@ impl OffsetTracker {
         }
     }
 
+    /// Whether the batch is still tracked: its partition was not revoked since it was fetched.
+    pub fn tracks(&self, partition: &Partition, id: BatchId) -> bool {
+        self.partitions.get(partition).is_some_and(|q| q.iter().any(|p| p.batch == id))
+    }
+
     /// Unfinished batches, over all partitions.
     pub fn unfinished(&self) -> usize {
         self.partitions.values().map(VecDeque::len).sum()

@@ -584,6 +584,15 @@ impl<E: CallFailure + 'static> Pool<E> {
             },
             None => chunk.indexes(),
         };
+        if !state.tracker.tracks(chunk.batch.partition(), chunk.id) {
+            // Revoked while the call ran (past revoke_timeout): the partition's new owner
+            // handles these messages; retrying or dead-lettering them here would duplicate.
+            state.lanes[task.lane].finish(chunk);
+            return Failed::Retrying(format!(
+                "a call failed on {} after its partition was revoked; not retried",
+                describe(&chunk.batch, &chunk.indexes())
+            ));
+        }
         let lane = &state.lanes[task.lane];
         let (name, policy) = (lane.options.name.clone(), lane.options.retry.clone());
         if failed.is_empty() {
@@ -613,6 +622,11 @@ impl<E: CallFailure + 'static> Pool<E> {
             let lane = &mut state.lanes[task.lane];
             lane.stats.retry_wait += backoff;
             lane.retry_later(chunk, retry, key);
+            // The messages that succeeded left the lane: it may have room again.
+            if state.source_waits_for_room && lane.has_room_again() {
+                state.source_waits_for_room = false;
+                *wake = true;
+            }
             let of = if policy.on_failure == OnFailure::RetryForever {
                 String::new()
             } else {

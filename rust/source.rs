@@ -80,9 +80,10 @@ struct Waker {
 }
 
 impl Waker {
+    /// Under the lock, so that the last handle of a queue is never one a waker copied out
+    /// (its drop after the consumer's would touch a destroyed handle). Yielding never blocks.
     fn wake(&self) {
-        let queues = lock(&self.queues).clone();
-        for queue in queues {
+        for queue in lock(&self.queues).iter() {
             queue.wake();
         }
     }
@@ -263,14 +264,12 @@ impl Source {
         let topics: Vec<&str> = config.topics.iter().map(String::as_str).collect();
         consumer.subscribe(&topics).map_err(|e| Error::kafka("subscribe", e))?;
 
-        let fetch = Arc::new(
-            FetchQueue::new(&consumer).ok_or_else(|| Error::Internal("librdkafka could not create a queue".into()))?,
-        );
-        *lock(&consumer.context().fetch) = Some(fetch.clone());
+        let new_queue =
+            || FetchQueue::new(&consumer).ok_or_else(|| Error::Internal("librdkafka could not create a queue".into()));
+        let fetch = Arc::new(new_queue()?);
         // Nothing is forwarded here: the loop sleeps on it while it may take nothing.
-        let held_back = Arc::new(
-            FetchQueue::new(&consumer).ok_or_else(|| Error::Internal("librdkafka could not create a queue".into()))?,
-        );
+        let held_back = Arc::new(new_queue()?);
+        *lock(&consumer.context().fetch) = Some(fetch.clone());
         let waker = Arc::new(Waker::default());
         *lock(&waker.queues) = vec![fetch.clone(), held_back.clone()];
         // Events (rebalances, errors, commit results) arrive on the consumer queue, which the
@@ -297,13 +296,14 @@ impl Source {
             held: VecDeque::new(),
             last_message_at: Instant::now(),
         };
-        let intake_on_error = poll.intake.clone();
+        let (intake_on_error, waker_on_error) = (poll.intake.clone(), poll.waker.clone());
         let spawned = std::thread::Builder::new().name("fastconsume-source".into()).spawn(move || poll.run());
         match spawned {
             Ok(thread) => Ok(Source { consumer, thread }),
             Err(e) => {
-                // The queue must go before the consumer.
+                // The queues must go before the consumer.
                 intake_on_error.set_waker(None);
+                lock(&waker_on_error.queues).clear();
                 lock(&consumer.context().fetch).take();
                 Err(Error::Internal(format!("cannot start the source thread: {e}")))
             }
@@ -393,6 +393,8 @@ impl PollLoop {
             let now = Instant::now();
             self.intake.source_idle(self.idle(now));
             self.serve_events()?;
+            // Serving events may have run a rebalance callback that waited: look again.
+            let now = Instant::now();
             self.arm_idle_timer(now);
             let next_timer = self.intake.drive_timers(now);
             let wait = next_timer.map_or(MAX_SLEEP, |at| at.saturating_duration_since(now)).min(MAX_SLEEP);

@@ -4,7 +4,6 @@ async plugins."""
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import inspect
 import math
 import threading
@@ -280,14 +279,31 @@ class AsyncLoop:
         """Runs ``awaitable`` on the loop and waits for its result (for setup and teardown)."""
         return asyncio.run_coroutine_threadsafe(_awaiting(awaitable), self._loop).result()
 
-    def start(
-        self, func: AsyncPlugin, batch: Batch, done: Callable[[concurrent.futures.Future[object]], object]
-    ) -> concurrent.futures.Future[object]:
-        """Runs ``func(batch)`` on the loop; ``done(future)`` is called when it finishes, and
-        cancelling the returned future cancels the call."""
-        future = asyncio.run_coroutine_threadsafe(_awaited(func, batch), self._loop)
-        future.add_done_callback(done)
-        return future
+    def start(self, func: AsyncPlugin, batch: Batch, done: Callable[[asyncio.Task[object]], object]) -> AsyncCall:
+        """Runs ``func(batch)`` as a task on the loop; ``done(task)`` is called, on the loop,
+        once the task has really ended, a cancelled one included."""
+        call = AsyncCall(self._loop)
+
+        def begin() -> None:
+            call.task = self._loop.create_task(_awaited(func, batch))
+            call.task.add_done_callback(done)
+
+        self._loop.call_soon_threadsafe(begin)
+        return call
+
+
+class AsyncCall:
+    """A call handed to the event loop. ``cancel()`` from any thread cancels its task on the
+    loop. (A ``concurrent.futures.Future`` would report itself done at once on ``cancel()``,
+    while the coroutine still runs its cleanup: the partition's next call could overlap it.)"""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self.task: asyncio.Task[object] | None = None
+
+    def cancel(self) -> None:
+        # Scheduled after the call's own start (the loop runs callbacks in order).
+        self._loop.call_soon_threadsafe(lambda: self.task is not None and self.task.cancel())
 
 
 async def _awaited(func: AsyncPlugin, batch: Batch) -> object:

@@ -231,10 +231,10 @@ impl Plugins {
             }
         };
         match event_loop.call_method1(py, "start", (lane.func.clone_ref(py), batch, completion.clone_ref(py))) {
-            Ok(future) if has_deadline => {
+            Ok(handle) if has_deadline => {
                 let cancel = Box::new(move || {
                     Python::try_attach(|py| {
-                        if let Err(error) = future.call_method0(py, "cancel") {
+                        if let Err(error) = handle.call_method0(py, "cancel") {
                             error.write_unraisable(py, None);
                         }
                     });
@@ -247,7 +247,7 @@ impl Plugins {
     }
 }
 
-/// Reports an async call's outcome to the pool; called by its future when done, on the
+/// Reports an async call's outcome to the pool; called by its asyncio task when done, on the
 /// event loop's thread.
 #[pyclass(frozen, module = "fastconsume._core", name = "Completion")]
 pub struct Completion {
@@ -279,16 +279,16 @@ impl Completion {
 
 #[pymethods]
 impl Completion {
-    /// `future`: the `concurrent.futures.Future` of the call. Never raises: an exception
-    /// here would be logged by the future and the call never reported.
-    fn __call__(&self, py: Python<'_>, future: Bound<'_, PyAny>) {
+    /// `ended`: the call's `asyncio.Task`, done. Never raises: an exception here would only
+    /// be logged by the event loop, and the call never reported.
+    fn __call__(&self, py: Python<'_>, ended: Bound<'_, PyAny>) {
         let Some(task) = self.take() else { return };
-        let outcome = match future.call_method0("cancelled").and_then(|c| c.is_truthy()) {
+        let outcome = match ended.call_method0("cancelled").and_then(|c| c.is_truthy()) {
             Ok(true) => {
                 let timeout = self.timeout.map_or_else(String::new, |t| format!(" of {:.3} s", t.as_secs_f64()));
                 Err(pyo3::exceptions::PyTimeoutError::new_err(format!("cancelled at its deadline (timeout{timeout})")))
             }
-            Ok(false) => match future.call_method0("exception") {
+            Ok(false) => match ended.call_method0("exception") {
                 Ok(exception) if exception.is_none() => Ok(()),
                 Ok(exception) => Err(PyErr::from_value(exception)),
                 Err(error) => Err(error),
