@@ -20,6 +20,7 @@ use rdkafka::ClientContext;
 
 use crate::config::SourceConfig;
 use crate::errors::{Error, Result};
+use crate::source::connect_error;
 
 /// One partition of a topic.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -105,7 +106,7 @@ pub fn inspect(config: &SourceConfig) -> Result<Report> {
     let started = Instant::now();
     let first = consumer
         .fetch_metadata(Some(&config.topics[0]), timeout)
-        .map_err(|e| connect_error(&consumer, config, started, &e))?;
+        .map_err(|e| connect_error(&consumer, &consumer.context().last_error, config, started, &e))?;
     let brokers = broker_list(&first);
 
     let mut topics = Vec::with_capacity(config.topics.len());
@@ -124,22 +125,6 @@ pub fn inspect(config: &SourceConfig) -> Result<Report> {
     let (group_state, members) = describe_group(&consumer, &config.group, timeout);
     add_owners(&mut topics, &members);
     Ok(Report { brokers, group: config.group.clone(), group_state, members, topics })
-}
-
-/// The `Error::Connect` of a first broker call that failed, with librdkafka's last error if
-/// it reported one (it is delivered on the consumer queue, served here).
-fn connect_error(consumer: &InspectConsumer, config: &SourceConfig, started: Instant, error: &KafkaError) -> Error {
-    // Never subscribed: polling serves errors and logs, it cannot join the group. Bounded,
-    // as a poll that returns nothing may still have consumed an event.
-    for _ in 0..32 {
-        let _ = consumer.poll(Duration::ZERO);
-    }
-    let last = consumer.context().last_error.lock().unwrap_or_else(PoisonError::into_inner).clone();
-    Error::Connect {
-        bootstrap: config.bootstrap.clone(),
-        waited_ms: started.elapsed().as_millis() as u64,
-        last_error: last.or_else(|| Some(error.to_string())),
-    }
 }
 
 fn broker_list(metadata: &Metadata) -> Vec<String> {

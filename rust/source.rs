@@ -214,6 +214,27 @@ pub fn commit_async(consumer: &KafkaConsumer) {
     }
 }
 
+/// The `Error::Connect` of a consumer's first broker call that failed, naming librdkafka's
+/// last error if it reported one. Errors reach the context only when the consumer queue is
+/// served, so it is served here, before anything is subscribed: polling then cannot join the
+/// group. Bounded, as a poll that returns nothing may still have served an event.
+pub fn connect_error<C: ConsumerContext>(
+    consumer: &BaseConsumer<C>,
+    last_error: &Mutex<Option<String>>,
+    config: &SourceConfig,
+    started: Instant,
+    error: &KafkaError,
+) -> Error {
+    for _ in 0..32 {
+        let _ = consumer.poll(Duration::ZERO);
+    }
+    Error::Connect {
+        bootstrap: config.bootstrap.clone(),
+        waited_ms: started.elapsed().as_millis() as u64,
+        last_error: lock(last_error).clone().or_else(|| Some(error.to_string())),
+    }
+}
+
 /// The high watermark librdkafka last saw for a partition, without asking the broker.
 pub fn cached_high_watermark(consumer: &KafkaConsumer, partition: &Partition) -> Option<i64> {
     let topic = CString::new(partition.topic.as_bytes()).ok()?;
@@ -255,11 +276,7 @@ impl Source {
         let limiter = shape.rate_limit.map(Limiter::new).transpose()?;
         let started = Instant::now();
         if let Err(e) = consumer.fetch_metadata(Some(&config.topics[0]), config.connect_timeout) {
-            return Err(Error::Connect {
-                bootstrap: config.bootstrap.clone(),
-                waited_ms: started.elapsed().as_millis() as u64,
-                last_error: lock(&consumer.context().last_error).clone().or_else(|| Some(e.to_string())),
-            });
+            return Err(connect_error(&consumer, &consumer.context().last_error, config, started, &e));
         }
         let topics: Vec<&str> = config.topics.iter().map(String::as_str).collect();
         consumer.subscribe(&topics).map_err(|e| Error::kafka("subscribe", e))?;

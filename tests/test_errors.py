@@ -85,6 +85,8 @@ def test_unreachable_broker_is_a_connection_error_after_the_connect_timeout() ->
     with pytest.raises(ConnectionError, match="could not reach Kafka") as raised:
         app.run()
     assert isinstance(raised.value, fc.KafkaConnectionError)
+    assert "(last error: " in str(raised.value), "librdkafka's reason is named"
+    assert "brokers are down" in str(raised.value), str(raised.value)
     assert 0.5 < time.monotonic() - started < 10
 
 

@@ -12,10 +12,16 @@
 
 from __future__ import annotations
 
+import logging
+
 from ._app import App
 from ._core import Batch, Message, __version__
 from ._plugins import RateLimit
 from .errors import ConfigError, FastconsumeError, KafkaConnectionError, KafkaError, PartialFailure, PluginError
+
+# A library logs; the application decides where to (the CLI does, in logfmt). Without this,
+# Python's last-resort handler would print librdkafka's warnings to stderr.
+logging.getLogger("fastconsume").addHandler(logging.NullHandler())
 
 __all__ = [
     "App",
