@@ -93,6 +93,17 @@ impl Batch {
         self.bytes.len()
     }
 
+    /// Names `count` messages of the batch, from position `first` to `last`, for logs and
+    /// errors: "3 message(s) of t[0] offsets 10..=14".
+    pub fn describe(&self, count: usize, first: Option<usize>, last: Option<usize>) -> String {
+        let partition = &self.partition;
+        let (Some(first), Some(last)) = (first, last) else {
+            return format!("no messages of {}[{}]", partition.topic, partition.partition);
+        };
+        let (first, last) = (self.get(first).offset, self.get(last).offset);
+        format!("{count} message(s) of {}[{}] offsets {first}..={last}", partition.topic, partition.partition)
+    }
+
     pub fn first_offset(&self) -> i64 {
         self.records.first().map_or(-1, |r| r.offset)
     }

@@ -225,7 +225,7 @@ mod tests {
 
     use super::*;
     use crate::lane::RetryPolicy;
-    use crate::mock::seeded;
+    use crate::mock::{seeded, unreachable};
 
     /// Per lane and partition, the offsets each call saw, in call order.
     type Seen = Arc<Mutex<BTreeMap<(usize, i32), Vec<i64>>>>;
@@ -428,13 +428,7 @@ mod tests {
 
     #[test]
     fn unreachable_brokers_fail_within_the_connect_timeout() {
-        let config = SourceConfig {
-            bootstrap: "127.0.0.1:1".into(),
-            group: "g".into(),
-            topics: vec!["t".into()],
-            kafka: vec![],
-            connect_timeout: Duration::from_millis(500),
-        };
+        let config = unreachable();
         let started = Instant::now();
         let outcome = Engine::default().run(&config, &drain(vec![lane("a", 10, 1)]), |_: &Pool<i64>| {});
         assert!(matches!(outcome, Err(RunError::Core(Error::Connect { .. }))), "{outcome:?}");

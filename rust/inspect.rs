@@ -333,7 +333,7 @@ mod tests {
     use rdkafka::consumer::CommitMode;
 
     use super::*;
-    use crate::mock::seeded;
+    use crate::mock::{seeded, unreachable};
 
     /// A mock cluster with topic `t`: partition `p` holds `per_partition[p]` messages.
     /// Commits `offset` for partition `partition` of `t` as a member of the config's group.
@@ -405,13 +405,7 @@ mod tests {
 
     #[test]
     fn unreachable_brokers_fail_within_the_connect_timeout() {
-        let config = SourceConfig {
-            bootstrap: "127.0.0.1:1".into(),
-            group: "g".into(),
-            topics: vec!["t".into()],
-            kafka: vec![],
-            connect_timeout: Duration::from_millis(500),
-        };
+        let config = unreachable();
         let started = Instant::now();
         let outcome = inspect(&config);
         let elapsed = started.elapsed();

@@ -126,6 +126,12 @@ impl Chunk {
         }
     }
 
+    /// Names the call's messages, for logs and errors (without listing every position).
+    pub fn describe(&self) -> String {
+        let last = self.len().checked_sub(1).and_then(|i| self.index(i));
+        self.batch.describe(self.len(), self.index(0), last)
+    }
+
     /// The position in the batch of the call's `position`-th message.
     pub fn index(&self, position: usize) -> Option<usize> {
         match &self.subset {

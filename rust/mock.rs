@@ -87,3 +87,15 @@ pub fn seeded(per_partition: &[usize]) -> (MockKafka, crate::config::SourceConfi
     };
     (cluster, config)
 }
+
+/// A consumer config naming a port nothing listens on, with a 500 ms connect timeout.
+#[cfg(test)]
+pub fn unreachable() -> crate::config::SourceConfig {
+    crate::config::SourceConfig {
+        bootstrap: "127.0.0.1:1".into(),
+        group: "g".into(),
+        topics: vec!["t".into()],
+        kafka: vec![],
+        connect_timeout: std::time::Duration::from_millis(500),
+    }
+}

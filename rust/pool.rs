@@ -200,22 +200,6 @@ fn store(consumer: &KafkaConsumer, partition: &Partition, offset: i64) {
     }
 }
 
-/// Names the partition and offsets of a chunk, for logs and errors.
-pub fn describe(batch: &Batch, indexes: &[usize]) -> String {
-    let partition = batch.partition();
-    let (Some(&first), Some(&last)) = (indexes.first(), indexes.last()) else {
-        return format!("no messages of {}[{}]", partition.topic, partition.partition);
-    };
-    format!(
-        "{} message(s) of {}[{}] offsets {}..={}",
-        indexes.len(),
-        partition.topic,
-        partition.partition,
-        batch.get(first).offset,
-        batch.get(last).offset
-    )
-}
-
 impl<E: CallFailure + 'static> Pool<E> {
     pub fn new(
         lanes: Vec<LaneOptions>,
@@ -464,7 +448,7 @@ impl<E: CallFailure + 'static> Pool<E> {
             key
         });
         if timer.is_some() {
-            let what = describe(&chunk.batch, &chunk.indexes());
+            let what = chunk.describe();
             state.calls.insert(call, Call { lane, deadline: timer, overdue: false, cancel: None, what });
         }
         Task { lane, chunk, call, deadline }
@@ -590,7 +574,7 @@ impl<E: CallFailure + 'static> Pool<E> {
             state.lanes[task.lane].finish(chunk);
             return Failed::Retrying(format!(
                 "a call failed on {} after its partition was revoked; not retried",
-                describe(&chunk.batch, &chunk.indexes())
+                chunk.describe()
             ));
         }
         let lane = &state.lanes[task.lane];
@@ -600,7 +584,7 @@ impl<E: CallFailure + 'static> Pool<E> {
             self.finish(state, consumer, &task, wake);
             return Failed::Retrying(format!("plugin {name:?} reported a partial failure of no message"));
         }
-        let what = describe(&chunk.batch, &failed);
+        let what = chunk.batch.describe(failed.len(), failed.first().copied(), failed.last().copied());
         let attempt = chunk.attempt;
         let cause = format!("{}: {}", error.kind(), error.detail());
         if policy.retries_after(attempt) {

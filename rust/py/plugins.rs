@@ -16,7 +16,7 @@ use pyo3::types::{PyString, PyType};
 use super::batch::PyBatch;
 use super::errors::exception;
 use crate::limit::RateLimit;
-use crate::pool::{describe, CallFailure, Pool, Task};
+use crate::pool::{CallFailure, Pool, Task};
 
 /// `fastconsume.RateLimit`, read by attribute.
 #[derive(FromPyObject)]
@@ -112,7 +112,7 @@ impl PluginFailure {
         let chunk = &task.chunk;
         let message = format!(
             "plugin {plugin:?} failed on {} (attempt {}): {}",
-            describe(&chunk.batch, &chunk.indexes()),
+            chunk.describe(),
             chunk.attempt,
             value.repr().map_or_else(|_| "?".to_string(), |r| r.to_string()),
         );
