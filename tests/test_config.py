@@ -59,6 +59,7 @@ def test_fastconsume_toml_is_read(tmp_path: Path) -> None:
         processes=2,
         plugins={"index": {"batch_size": 100}},
         source="fastconsume.toml",
+        plugins_at="fastconsume.toml: plugins",
     )
 
 
@@ -68,6 +69,7 @@ def test_pyproject_tool_table_is_read(tmp_path: Path) -> None:
     assert config.settings == {"group": "feeds"}
     assert config.plugins == {"index": {}}
     assert config.source == "pyproject.toml"
+    assert config.plugins_at == "pyproject.toml: tool.fastconsume.plugins"
 
 
 def test_pyproject_without_tool_table_is_not_a_config(tmp_path: Path) -> None:

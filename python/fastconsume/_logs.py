@@ -1,6 +1,6 @@
-"""What the CLI shows while it runs: structured log lines through :mod:`logging` (the Rust
-core and librdkafka log into the ``fastconsume`` logger), and on a terminal a live one-line
-progress display."""
+"""What a run shows: log lines through :mod:`logging` (the Rust core and librdkafka log into
+the ``fastconsume`` logger; every run logs a start line, periodic progress and a summary at
+INFO), the CLI's logfmt handler, and on a terminal a live one-line progress display."""
 
 from __future__ import annotations
 
@@ -11,13 +11,17 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TextIO
 
 if TYPE_CHECKING:
     from ._app import App
 
 PROGRESS_INTERVAL = 1.0
-"""Seconds between two refreshes of the progress line."""
+"""Seconds between two refreshes of the terminal's progress line."""
+SUMMARY_PARTITIONS = 20
+"""Partitions whose committed offset the summary line names; it counts the others."""
+CLEAR = "\r\x1b[K"
+"""Moves to the start of the terminal's line and erases it."""
 
 
 class LogfmtFormatter(logging.Formatter):
@@ -61,36 +65,184 @@ def configure_logging() -> None:
 
 
 def describe_progress(stats: dict[str, Any], rate: float) -> str:
-    """One line: messages per second, total lag, and each plugin's p99 latency.
+    """One line: messages per second, total lag, and each plugin's p99 latency and errors.
 
     >>> stats = {"partitions": {"t[0]": {"lag": 7}, "t[1]": {"lag": None}},
-    ...          "plugins": {"index": {"latency_p99": 0.0123}}}
+    ...          "plugins": {"index": {"latency_p99": 0.0123, "errors": 2}}}
     >>> describe_progress(stats, 1520.4)
-    '1,520 msg/s  lag 7  p99 index 12.3ms'
+    '1,520 msg/s  lag 7  index p99 12.3ms 2 errors'
     """
     lag = sum(p["lag"] or 0 for p in stats["partitions"].values())
-    plugins = "  ".join(f"p99 {name} {p['latency_p99'] * 1000:.1f}ms" for name, p in stats["plugins"].items())
+    plugins = "  ".join(
+        f"{name} p99 {p['latency_p99'] * 1000:.1f}ms {p['errors']} error{'' if p['errors'] == 1 else 's'}"
+        for name, p in stats["plugins"].items()
+    )
     return f"{rate:,.0f} msg/s  lag {lag}  {plugins}".rstrip()
+
+
+def describe_start(app: App, workers: int) -> str:
+    """The line a run starts with: where it consumes, with which plugins and threads.
+
+    >>> import fastconsume as fc
+    >>> app = fc.App("127.0.0.1:9092", "feeds", ["events", "audit"], read_config=False)
+    >>> _ = app.plugin(len)
+    >>> describe_start(app, 1)
+    "starting: group 'feeds', topics events, audit, plugins len, 1 worker(s), bootstrap 127.0.0.1:9092"
+    """
+    settings = app.describe()
+    return (
+        f"starting: group {settings['group']!r}, topics {', '.join(settings['topics'])}, "
+        f"plugins {', '.join(p.name for p in app.plugins)}, {workers} worker(s), bootstrap {settings['bootstrap']}"
+    )
+
+
+def describe_summary(stats: dict[str, Any], outcome: str, elapsed: float) -> str:
+    """The line a run ends with: how it ended, its totals per plugin and the committed offsets.
+
+    >>> stats = {"messages": 1000, "partitions": {"t[0]": {"committed": 600}, "t[1]": {"committed": None}},
+    ...          "plugins": {"index": {"messages": 1000, "batches": 2, "errors": 1, "dead_lettered": 0}}}
+    >>> for part in describe_summary(stats, "stopped", 12.34).split("; "):
+    ...     print(part)
+    stopped after 12.3 s: 1,000 messages
+    index 1,000 messages in 2 calls, 1 errors, 0 dead-lettered
+    committed t[0]=600 t[1]=-
+    """
+    plugins = "; ".join(
+        f"{name} {p['messages']:,} messages in {p['batches']:,} calls, {p['errors']} errors, "
+        f"{p['dead_lettered']} dead-lettered"
+        for name, p in stats["plugins"].items()
+    )
+    partitions = list(stats["partitions"].items())
+    committed = " ".join(
+        f"{name}={'-' if p['committed'] is None else p['committed']}" for name, p in partitions[:SUMMARY_PARTITIONS]
+    )
+    if len(partitions) > SUMMARY_PARTITIONS:
+        committed += f" (and {len(partitions) - SUMMARY_PARTITIONS} more partitions)"
+    head = f"{outcome} after {elapsed:.1f} s: {stats['messages']:,} messages"
+    return "; ".join(part for part in (head, plugins, f"committed {committed or '-'}") if part)
+
+
+@contextmanager
+def run_report(app: App, *, workers: int, interval: float, logger: logging.Logger) -> Iterator[list[str]]:
+    """Logs at INFO the start line, then every ``interval`` seconds a progress line (from
+    ``app.stats()``, on a thread of its own that sleeps in between: nothing per message),
+    and at the end a summary. The body appends how the run ended (``"drained"``,
+    ``"stopped"``) to the list it gets; an exception names itself."""
+    logger.info("%s", describe_start(app, workers))
+    started = time.monotonic()
+    done = threading.Event()
+
+    def report() -> None:
+        last_count, last_time = 0, started
+        while not done.wait(interval):
+            stats = app.stats()
+            now = time.monotonic()
+            rate = (stats["messages"] - last_count) / max(now - last_time, 1e-9)
+            last_count, last_time = stats["messages"], now
+            logger.info("progress: %s", describe_progress(stats, rate))
+
+    thread = threading.Thread(target=report, name="fastconsume-report", daemon=True)
+    thread.start()
+    outcome: list[str] = []
+    try:
+        yield outcome
+    except BaseException as error:
+        outcome.append(f"failed ({type(error).__name__})")
+        raise
+    finally:
+        done.set()
+        thread.join()
+        logger.info("%s", describe_summary(app.stats(), (outcome or ["finished"])[0], time.monotonic() - started))
+
+
+class _Screen:
+    """The terminal as the progress line shares it with everything else written there: a
+    write to stdout or stderr first erases the progress line, and once it has ended a line,
+    the progress line is drawn again below it. So a log line or a print never lands on the
+    progress line, and the progress line stays the last one."""
+
+    def __init__(self, stderr: TextIO) -> None:
+        self.stderr = stderr
+        self.lock = threading.RLock()
+        self.line = ""
+        """The progress line, as last drawn ("" before the first)."""
+        self.shown = False
+
+    def draw(self, line: str) -> None:
+        with self.lock:
+            self.line = line
+            self.stderr.write(CLEAR + line)
+            self.stderr.flush()
+            self.shown = True
+
+    def erase(self) -> None:
+        with self.lock:
+            if self.shown:
+                self.stderr.write(CLEAR)
+                self.stderr.flush()
+                self.shown = False
+
+    def write(self, stream: TextIO, text: str) -> int:
+        with self.lock:
+            self.erase()
+            written = stream.write(text)
+            stream.flush()  # out before the line is drawn again, whichever stream it was
+            if text.endswith("\n") and self.line:
+                self.draw(self.line)
+            return written
+
+
+class _SharedStream:
+    """A stream whose writes go through :class:`_Screen`; everything else is the stream's."""
+
+    def __init__(self, screen: _Screen, stream: TextIO) -> None:
+        self._screen = screen
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        return self._screen.write(self._stream, text)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
 
 
 @contextmanager
 def progress_line(app: App) -> Iterator[None]:
-    """While the body runs, rewrites one line on stderr every second, if stderr is a terminal."""
+    """While the body runs, rewrites one line on stderr every second, if stderr is a terminal.
+
+    Log handlers writing to stderr, and ``sys.stdout``/``sys.stderr`` themselves when they
+    are the terminal, write through the same screen for the duration, so their lines appear
+    above the progress line instead of being glued onto it.
+    """
     # Supervised workers share the supervisor's terminal: N progress lines would fight.
     if not sys.stderr.isatty() or os.environ.get("FASTCONSUME_WORKER_INDEX") is not None:
         yield
         return
+    terminal = sys.stderr
+    screen = _Screen(terminal)
+    shared_err = _SharedStream(screen, terminal)
+    replaced: list[tuple[logging.StreamHandler[Any], Any]] = []
+    for logger in (logging.getLogger(), logging.getLogger("fastconsume")):
+        for handler in logger.handlers:
+            if isinstance(handler, logging.StreamHandler) and handler.stream is terminal:
+                replaced.append((handler, handler.setStream(shared_err)))
+    stdout = sys.stdout
+    sys.stderr = shared_err
+    if stdout.isatty():
+        sys.stdout = _SharedStream(screen, stdout)
     done = threading.Event()
+    started = time.monotonic()
 
     def show() -> None:
-        last_count, last_time = 0, time.monotonic()
+        last_count, last_time = 0, started
         while not done.wait(PROGRESS_INTERVAL):
             stats = app.stats()
             now = time.monotonic()
-            rate = (stats["messages"] - last_count) / (now - last_time)
+            rate = (stats["messages"] - last_count) / max(now - last_time, 1e-9)
             last_count, last_time = stats["messages"], now
-            sys.stderr.write("\r\x1b[K" + describe_progress(stats, rate))
-            sys.stderr.flush()
+            running = sum(p["in_flight"] for p in stats["plugins"].values())
+            # The clock and the running calls move even while a long call holds everything else still.
+            screen.draw(f"[{now - started:,.0f}s] {describe_progress(stats, rate)}  {running} running")
 
     thread = threading.Thread(target=show, name="fastconsume-progress", daemon=True)
     thread.start()
@@ -99,4 +251,8 @@ def progress_line(app: App) -> Iterator[None]:
     finally:
         done.set()
         thread.join()
-        sys.stderr.write("\n")
+        screen.line = ""
+        screen.erase()
+        sys.stdout, sys.stderr = stdout, terminal
+        for handler, previous in replaced:
+            handler.setStream(previous)
