@@ -64,17 +64,31 @@ def configure_logging() -> None:
     root.setLevel(logging.INFO)
 
 
-def describe_progress(stats: dict[str, Any], rate: float) -> str:
-    """One line: messages per second, total lag, and each plugin's p99 latency and errors.
+def describe_progress(
+    stats: dict[str, Any], rate: float, previous: dict[str, Any] | None = None, elapsed: float = 0.0
+) -> str:
+    """One line: messages fetched per second, total lag, and for each plugin its messages
+    handled per second (since ``previous``, the stats ``elapsed`` seconds ago), its p99
+    latency and its errors.
 
+    >>> before = {"plugins": {"index": {"messages": 0}}}
     >>> stats = {"partitions": {"t[0]": {"lag": 7}, "t[1]": {"lag": None}},
-    ...          "plugins": {"index": {"latency_p99": 0.0123, "errors": 2}}}
-    >>> describe_progress(stats, 1520.4)
-    '1,520 msg/s  lag 7  index p99 12.3ms 2 errors'
+    ...          "plugins": {"index": {"messages": 1000, "latency_p99": 0.0123, "errors": 2}}}
+    >>> describe_progress(stats, 1520.4, before, 2.0)
+    '1,520 msg/s  lag 7  index 500 msg/s p99 12.3ms 2 errors'
     """
     lag = sum(p["lag"] or 0 for p in stats["partitions"].values())
+    earlier = previous["plugins"] if previous is not None else {}
+
+    def plugin_rate(name: str, plugin: dict[str, Any]) -> str:
+        if name not in earlier or elapsed <= 0:
+            return ""
+        # max: the first stats of a run may still be the last run's.
+        return f" {max(plugin['messages'] - earlier[name]['messages'], 0) / elapsed:,.0f} msg/s"
+
     plugins = "  ".join(
-        f"{name} p99 {p['latency_p99'] * 1000:.1f}ms {p['errors']} error{'' if p['errors'] == 1 else 's'}"
+        f"{name}{plugin_rate(name, p)} p99 {p['latency_p99'] * 1000:.1f}ms "
+        f"{p['errors']} error{'' if p['errors'] == 1 else 's'}"
         for name, p in stats["plugins"].items()
     )
     return f"{rate:,.0f} msg/s  lag {lag}  {plugins}".rstrip()
@@ -133,13 +147,14 @@ def run_report(app: App, *, workers: int, interval: float, logger: logging.Logge
     done = threading.Event()
 
     def report() -> None:
-        last_count, last_time = 0, started
+        last, last_time = app.stats(), started
         while not done.wait(interval):
             stats = app.stats()
             now = time.monotonic()
-            rate = (stats["messages"] - last_count) / max(now - last_time, 1e-9)
-            last_count, last_time = stats["messages"], now
-            logger.info("progress: %s", describe_progress(stats, rate))
+            elapsed = max(now - last_time, 1e-9)
+            rate = max(stats["messages"] - last["messages"], 0) / elapsed
+            logger.info("progress: %s", describe_progress(stats, rate, last, elapsed))
+            last, last_time = stats, now
 
     thread = threading.Thread(target=report, name="fastconsume-report", daemon=True)
     thread.start()
@@ -234,15 +249,17 @@ def progress_line(app: App) -> Iterator[None]:
     started = time.monotonic()
 
     def show() -> None:
-        last_count, last_time = 0, started
+        last, last_time = app.stats(), started
         while not done.wait(PROGRESS_INTERVAL):
             stats = app.stats()
             now = time.monotonic()
-            rate = (stats["messages"] - last_count) / max(now - last_time, 1e-9)
-            last_count, last_time = stats["messages"], now
+            elapsed = max(now - last_time, 1e-9)
+            rate = max(stats["messages"] - last["messages"], 0) / elapsed
             running = sum(p["in_flight"] for p in stats["plugins"].values())
             # The clock and the running calls move even while a long call holds everything else still.
-            screen.draw(f"[{now - started:,.0f}s] {describe_progress(stats, rate)}  {running} running")
+            line = describe_progress(stats, rate, last, elapsed)
+            screen.draw(f"[{now - started:,.0f}s] {line}  {running} running")
+            last, last_time = stats, now
 
     thread = threading.Thread(target=show, name="fastconsume-progress", daemon=True)
     thread.start()
