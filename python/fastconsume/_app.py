@@ -71,7 +71,8 @@ class App:
     ['count']
 
     Args:
-        bootstrap: ``host:port[,host:port...]`` of the Kafka brokers.
+        bootstrap: ``host:port[,host:port...]`` of the Kafka brokers, IPv6 addresses in
+            brackets (``[::1]:9092``); checked here, so a typo fails before any connection.
         group: The consumer group. Processes sharing it share the partitions.
         topics: The topics to consume.
         kafka: librdkafka properties, passed through (values are turned into strings).
@@ -312,8 +313,8 @@ class App:
         run). Applying a configuration again starts from the code's settings again."""
         settings, own_plugins = self._own if self._own is not None else (self._settings, self._plugins)
         self._configured = True
-        if not config.settings and not config.plugins:
-            return
+        if not config.settings and not config.plugins and self._own is None:
+            return  # nothing to apply: the app stays as the code made it
         merged = dict(settings)
         # Property by property: FASTCONSUME_KAFKA_SASL_PASSWORD must not drop the app's others.
         merged["kafka"] = {
@@ -409,8 +410,14 @@ class App:
         with ExitStack() as stack:
             self._stop_logged = False
             stack.callback(self._run_ended)
-            outcome = stack.enter_context(
-                run_report(self, workers=self._worker_count(), interval=self._progress_interval, logger=log)
+            stack.enter_context(
+                run_report(
+                    self,
+                    workers=self._worker_count(),
+                    interval=self._progress_interval,
+                    logger=log,
+                    ended=lambda: "stopped" if self._stop_requested or idle is None else "drained",
+                )
             )
             # The event loop lives as long as the run, started only if a plugin is async.
             event_loop = stack.enter_context(AsyncLoop()) if any(p.is_async for p in self._plugins) else None
@@ -433,7 +440,6 @@ class App:
                     _run_interruptibly(run)
             else:
                 run()
-            outcome.append("stopped" if self._stop_requested or idle is None else "drained")
 
     def _configure_from_files(self) -> None:
         """What ``fastconsume run`` applies, applied by ``run()`` itself: ``./fastconsume.toml``

@@ -9,7 +9,7 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, TextIO
 
@@ -137,11 +137,14 @@ def describe_summary(stats: dict[str, Any], outcome: str, elapsed: float) -> str
 
 
 @contextmanager
-def run_report(app: App, *, workers: int, interval: float, logger: logging.Logger) -> Iterator[list[str]]:
+def run_report(
+    app: App, *, workers: int, interval: float, logger: logging.Logger, ended: Callable[[], str]
+) -> Iterator[None]:
     """Logs at INFO the start line, then every ``interval`` seconds a progress line (from
     ``app.stats()``, on a thread of its own that sleeps in between: nothing per message),
-    and at the end a summary. The body appends how the run ended (``"drained"``,
-    ``"stopped"``) to the list it gets; an exception names itself."""
+    and at the end a summary. It names how the run ended: ``ended()`` if the body returned
+    (``"stopped"``, ``"drained"``), the exception if it raised (``"failed (PluginError)"``),
+    or ``"interrupted"`` for a second signal's ``KeyboardInterrupt``."""
     logger.info("%s", describe_start(app, workers))
     started = time.monotonic()
     done = threading.Event()
@@ -158,16 +161,20 @@ def run_report(app: App, *, workers: int, interval: float, logger: logging.Logge
 
     thread = threading.Thread(target=report, name="fastconsume-report", daemon=True)
     thread.start()
-    outcome: list[str] = []
+    outcome = "finished"
     try:
-        yield outcome
+        yield
+        outcome = ended()
+    except KeyboardInterrupt:  # a second signal: the run was left at once
+        outcome = "interrupted"
+        raise
     except BaseException as error:
-        outcome.append(f"failed ({type(error).__name__})")
+        outcome = f"failed ({type(error).__name__})"
         raise
     finally:
         done.set()
         thread.join()
-        logger.info("%s", describe_summary(app.stats(), (outcome or ["finished"])[0], time.monotonic() - started))
+        logger.info("%s", describe_summary(app.stats(), outcome, time.monotonic() - started))
 
 
 class _Screen:
