@@ -534,6 +534,21 @@ def test_an_unknown_plugin_table_names_its_file_and_suggests_the_apps_plugin(tmp
     )
 
 
+def test_an_unknown_plugin_table_suggests_installed_plugins_too(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    installed = {name: object() for name in ("uppercase_count", "sink")}
+    monkeypatch.setattr("fastconsume._app.installed_plugins", lambda: installed)
+    (tmp_path / "users.py").write_text(APP_WITH_COUNT_USERS)
+    (tmp_path / CONFIG_FILE).write_text(f'app = "{tmp_path / "users.py"}:app"\n[plugins.uppercase_cont]\n')
+    with pytest.raises(fc.ConfigError) as error:
+        fc.App.from_config(load_config(cwd=tmp_path, environ={}))
+    assert str(error.value) == (
+        "fastconsume.toml: plugins.uppercase_cont: no plugin named 'uppercase_cont': the app's plugins are "
+        "count_users, audit, installed plugins sink, uppercase_count; did you mean 'uppercase_count'?"
+    )
+
+
 def test_an_unknown_plugin_table_in_pyproject_names_its_table(tmp_path: Path) -> None:
     (tmp_path / "pyproject.toml").write_text(
         '[tool.fastconsume]\nbootstrap = "b:1"\ngroup = "g"\ntopics = ["t"]\n'

@@ -340,3 +340,34 @@ def test_no_terminal_line_without_a_terminal(monkeypatch: pytest.MonkeyPatch) ->
     with _logs.progress_line(StillApp()):  # type: ignore[arg-type]
         time.sleep(0.1)
     assert pipe.getvalue() == ""
+
+
+def test_a_drain_under_fastconsume_run_ends_with_the_totals_not_just_revoked(
+    mock_cluster: MockKafka, tmp_path: Path
+) -> None:
+    """Case 7 of issue 9: a drain run ended with "revoked 4 partition(s)" and no totals."""
+    topic = mock_cluster.create_topic(4)
+    for partition in range(4):
+        produce(mock_cluster.bootstrap, topic, [b"v"] * 25, partition=partition)
+    (tmp_path / "drain.py").write_text(
+        f"import fastconsume as fc\napp = fc.App({mock_cluster.bootstrap!r}, {new_group()!r}, {topic!r})\n"
+        "app.plugin(len)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "fastconsume", "run", "drain:app", "--idle-timeout", "0.5"],
+        cwd=tmp_path,
+        env=clean_environment(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    own = [line for line in result.stderr.splitlines() if "logger=fastconsume " in line]
+    assert 'msg="revoked 4 partition(s)"' in own[-2], own
+    committed_offsets = " ".join(f"{topic}[{p}]=25" for p in range(4))
+    assert re.search(
+        rf'msg="drained after [\d.]+ s: 100 messages; len 100 messages in \d+ calls, 0 errors, 0 dead-lettered; '
+        rf'committed {re.escape(committed_offsets)}"$',
+        own[-1],
+    ), own[-1]
