@@ -700,3 +700,17 @@ def test_a_stop_before_run_survives_the_configuration(
     app.run()  # without the stop, it would consume until a signal
     assert time.monotonic() - started < 15
     assert app.describe()["bootstrap"] == mock_cluster.bootstrap
+
+
+def test_a_configuration_that_fails_is_not_taken_as_applied(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A mistake in the file fails every run, not only the first."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / CONFIG_FILE).write_text("[plugins.count_userz]\n")
+    app = fc.App("127.0.0.1:9092", "g", "t")
+    app.plugin(len, name="count_users")
+    for _ in range(2):
+        with pytest.raises(
+            fc.ConfigError, match=r"fastconsume.toml: plugins.count_userz: .* did you mean 'count_users'"
+        ):
+            app.run()
+    assert [p.name for p in app.plugins] == ["count_users"]

@@ -224,7 +224,7 @@ def test_a_failed_run_says_so_in_its_summary(mock_cluster: MockKafka, caplog: py
         app.run(idle_timeout=5)
     summary = [r.getMessage() for r in caplog.records if r.name == "fastconsume"][-1]
     assert re.match(
-        r"failed \(PluginError\) after [\d.]+ s: 5 messages; broken \d+ messages in 1 calls, 1 errors", summary
+        r"failed \(PluginError\) after [\d.]+ s: 5 messages; broken \d+ messages in 1 calls, 1 error,", summary
     ), summary
 
 

@@ -312,8 +312,8 @@ class App:
         that this object is the one that runs (and its ``stats()`` and ``stop()`` act on the
         run). Applying a configuration again starts from the code's settings again."""
         settings, own_plugins = self._own if self._own is not None else (self._settings, self._plugins)
-        self._configured = True
         if not config.settings and not config.plugins and self._own is None:
+            self._configured = True
             return  # nothing to apply: the app stays as the code made it
         merged = dict(settings)
         # Property by property: FASTCONSUME_KAFKA_SASL_PASSWORD must not drop the app's others.

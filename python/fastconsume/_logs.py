@@ -87,11 +87,14 @@ def describe_progress(
         return f" {max(plugin['messages'] - earlier[name]['messages'], 0) / elapsed:,.0f} msg/s"
 
     plugins = "  ".join(
-        f"{name}{plugin_rate(name, p)} p99 {p['latency_p99'] * 1000:.1f}ms "
-        f"{p['errors']} error{'' if p['errors'] == 1 else 's'}"
+        f"{name}{plugin_rate(name, p)} p99 {p['latency_p99'] * 1000:.1f}ms {_errors(p['errors'])}"
         for name, p in stats["plugins"].items()
     )
     return f"{rate:,.0f} msg/s  lag {lag}  {plugins}".rstrip()
+
+
+def _errors(count: int) -> str:
+    return f"{count} error{'' if count == 1 else 's'}"
 
 
 def describe_start(app: App, workers: int) -> str:
@@ -118,11 +121,11 @@ def describe_summary(stats: dict[str, Any], outcome: str, elapsed: float) -> str
     >>> for part in describe_summary(stats, "stopped", 12.34).split("; "):
     ...     print(part)
     stopped after 12.3 s: 1,000 messages
-    index 1,000 messages in 2 calls, 1 errors, 0 dead-lettered
+    index 1,000 messages in 2 calls, 1 error, 0 dead-lettered
     committed t[0]=600 t[1]=-
     """
     plugins = "; ".join(
-        f"{name} {p['messages']:,} messages in {p['batches']:,} calls, {p['errors']} errors, "
+        f"{name} {p['messages']:,} messages in {p['batches']:,} calls, {_errors(p['errors'])}, "
         f"{p['dead_lettered']} dead-lettered"
         for name, p in stats["plugins"].items()
     )
@@ -150,14 +153,17 @@ def run_report(
     done = threading.Event()
 
     def report() -> None:
-        last, last_time = app.stats(), started
-        while not done.wait(interval):
-            stats = app.stats()
-            now = time.monotonic()
-            elapsed = max(now - last_time, 1e-9)
-            rate = max(stats["messages"] - last["messages"], 0) / elapsed
-            logger.info("progress: %s", describe_progress(stats, rate, last, elapsed))
-            last, last_time = stats, now
+        try:
+            last, last_time = app.stats(), started
+            while not done.wait(interval):
+                stats = app.stats()
+                now = time.monotonic()
+                elapsed = max(now - last_time, 1e-9)
+                rate = max(stats["messages"] - last["messages"], 0) / elapsed
+                logger.info("progress: %s", describe_progress(stats, rate, last, elapsed))
+                last, last_time = stats, now
+        except Exception:  # the run goes on without progress lines, but not silently
+            logger.exception("progress lines stopped")
 
     thread = threading.Thread(target=report, name="fastconsume-report", daemon=True)
     thread.start()
@@ -174,7 +180,10 @@ def run_report(
     finally:
         done.set()
         thread.join()
-        logger.info("%s", describe_summary(app.stats(), outcome, time.monotonic() - started))
+        try:
+            logger.info("%s", describe_summary(app.stats(), outcome, time.monotonic() - started))
+        except Exception:  # never hides how the run ended
+            logger.exception("%s; no summary", outcome)
 
 
 class _Screen:
