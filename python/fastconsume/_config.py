@@ -772,6 +772,10 @@ def reference() -> str:
         "configuration. A `[plugins.NAME]` table that names neither a plugin of the app nor an installed "
         "one is an error naming the file and suggesting the closest names.",
         "",
+        "An app built in a test should pass `read_config=False`, so that a configuration meant for a "
+        "deployment (a `[tool.fastconsume]` in the project's `pyproject.toml`, an exported "
+        f"`{ENV_PREFIX}BOOTSTRAP`) cannot point it at other brokers; `fastconsume.testing` does so.",
+        "",
         "Durations are seconds as a number, or a string with a unit: "
         f'{units} (`"20ms"`, `"5s"`, `"2m"`). Unknown keys, values of the wrong type and unknown '
         f"`{ENV_PREFIX}*` variables are errors naming the file and key, or the variable "
