@@ -197,3 +197,70 @@ def test_logs_never_show_the_password(real_cluster: Cluster, tmp_path: Path) -> 
     assert result.returncode == 2, output
     assert "level=" in output, f"expected librdkafka's complaints in the logs:\n{output}"
     assert secret not in output
+
+
+STOPPING_APP = """
+import fastconsume as fc
+
+app = fc.App("127.0.0.1:1", "from-code", "no-such-topic")
+
+@app.plugin(batch_size=10)
+def stop_after_one(batch: fc.Batch) -> None:
+    stats = app.stats()
+    print("running", stats["running"], "partitions", len(stats["partitions"]), flush=True)
+    app.stop()
+"""
+
+
+def test_the_modules_app_is_the_one_that_runs(cluster: Cluster, tmp_path: Path) -> None:
+    """Case 3 of issue 10: under ``fastconsume run mod:app`` the module's ``app`` was rebuilt,
+    so its ``stats()`` stayed at zero and ``app.stop()`` from a plugin was ignored (the run
+    went on until killed). Now the module's object runs, with the environment applied to it."""
+    topic = cluster.create_topic(1)
+    fill(cluster, topic, 1, 100)
+    group = new_group()
+    (tmp_path / "stopping.py").write_text(STOPPING_APP)
+    env = {**os.environ, "FASTCONSUME_BOOTSTRAP": cluster.bootstrap, "FASTCONSUME_GROUP": group}
+    env["FASTCONSUME_TOPICS"] = topic
+    started = time.monotonic()
+    result = subprocess.run(
+        [sys.executable, "-m", "fastconsume", "run", "stopping:app"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert time.monotonic() - started < 30, "app.stop() from the plugin ended the run"
+    assert result.stdout.splitlines()[0] == "running True partitions 1", result.stdout
+    assert re.search(r'msg="stopped after [\d.]+ s: ', result.stderr), result.stderr
+    assert committed(cluster.bootstrap, group, topic, 1)[0] >= 10, "the finished call was committed"
+
+
+def test_an_unknown_plugin_table_exits_2_naming_the_file_and_a_close_name(tmp_path: Path) -> None:
+    (tmp_path / "users.py").write_text(
+        "import fastconsume as fc\napp = fc.App('127.0.0.1:9092', 'g', 't')\n"
+        "@app.plugin\ndef count_users(batch: fc.Batch) -> None: ...\n"
+    )
+    (tmp_path / "fastconsume.toml").write_text('app = "users:app"\n[plugins.count_userz]\n')
+    result = fastconsume("run", cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr == (
+        "fastconsume: fastconsume.toml: plugins.count_userz: no plugin named 'count_userz': the app's plugins are "
+        "count_users, installed plugins none; did you mean 'count_users'?\n"
+    )
+
+
+@pytest.mark.parametrize("bootstrap", ["garbage", "127.0.0.1:99999"])
+def test_a_bad_bootstrap_exits_2_at_once(bootstrap: str, tmp_path: Path) -> None:
+    (tmp_path / "bad.py").write_text(
+        f"import fastconsume as fc\napp = fc.App({bootstrap!r}, 'g', 't')\napp.plugin(len)\n"
+    )
+    started = time.monotonic()
+    result = fastconsume("run", "bad:app", cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.startswith(f"fastconsume: bootstrap: '{bootstrap}'"), result.stderr
+    assert result.stderr.count("\n") == 1, result.stderr
+    assert time.monotonic() - started < 10, "no connection attempt"

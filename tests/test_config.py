@@ -1,10 +1,14 @@
-"""Configuration from fastconsume.toml, pyproject.toml and FASTCONSUME_* variables (no broker)."""
+"""Configuration from fastconsume.toml, pyproject.toml and FASTCONSUME_* variables, as ``fastconsume run``
+and ``app.run()`` apply them (no broker; runs on the mock cluster)."""
 
 from __future__ import annotations
 
+import logging
+import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -12,6 +16,9 @@ import pytest
 import fastconsume as fc
 from fastconsume._config import CONFIG_FILE, SECRET_WORDS, Config, load_config, redact, reference
 from fastconsume._plugins import DEFAULT_BATCH_SIZE, DEFAULT_MAX_QUEUED_BYTES
+from fastconsume.testing import produce
+
+from kafka import MockKafka, new_group
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -59,6 +66,7 @@ def test_fastconsume_toml_is_read(tmp_path: Path) -> None:
         processes=2,
         plugins={"index": {"batch_size": 100}},
         source="fastconsume.toml",
+        plugins_at="fastconsume.toml: plugins",
     )
 
 
@@ -68,6 +76,7 @@ def test_pyproject_tool_table_is_read(tmp_path: Path) -> None:
     assert config.settings == {"group": "feeds"}
     assert config.plugins == {"index": {}}
     assert config.source == "pyproject.toml"
+    assert config.plugins_at == "pyproject.toml: tool.fastconsume.plugins"
 
 
 def test_pyproject_without_tool_table_is_not_a_config(tmp_path: Path) -> None:
@@ -453,3 +462,255 @@ def test_validate_refuses_what_run_would() -> None:
     app.plugin(lambda batch: None, name="large", batch_size=500)
     with pytest.raises(fc.ConfigError, match=r"'small': max_queued \(10\) must be at least the largest batch_size"):
         app.validate()
+
+
+# --- bootstrap is checked at App(), in the file and in the environment. ---
+
+GOOD_BOOTSTRAPS = [
+    "127.0.0.1:9092",
+    "broker-1:9092, broker-2:9093",
+    "[::1]:9092",
+    "SASL_SSL://kafka.example:9093",
+    "x:1",
+]
+BAD_BOOTSTRAPS = {
+    "garbage": "'garbage' has no port; expected host:port, like 'garbage:9092'",
+    "broker:99999": "'broker:99999': the port must be a number from 1 to 65535, got '99999'",
+    "broker:0": "'broker:0': the port must be a number from 1 to 65535, got '0'",
+    "broker:": "'broker:': the port must be a number from 1 to 65535, got ''",
+    "broker:http": "'broker:http': the port must be a number from 1 to 65535, got 'http'",
+    "a:1,,b:2": "an empty entry in 'a:1,,b:2'",
+    "a:1,": "an empty entry in 'a:1,'",
+    ":9092": "':9092': '' is not a host name or address",
+    "::1:9092": "'::1:9092': write an IPv6 address in brackets, like '[::1]:9092'",
+    "bro ker:9092": "'bro ker:9092': 'bro ker' is not a host name or address",
+    "": "expected host:port[,host:port...], got ''",
+}
+
+
+@pytest.mark.parametrize("bootstrap", GOOD_BOOTSTRAPS)
+def test_good_bootstraps_are_accepted(bootstrap: str) -> None:
+    assert fc.App(bootstrap, "g", "t").describe()["bootstrap"] == bootstrap
+
+
+@pytest.mark.parametrize("bootstrap", sorted(BAD_BOOTSTRAPS))
+def test_a_bad_bootstrap_is_refused_at_app_naming_the_entry(bootstrap: str) -> None:
+    with pytest.raises(fc.ConfigError) as error:
+        fc.App(bootstrap, "g", "t")
+    assert str(error.value) == f"bootstrap: {BAD_BOOTSTRAPS[bootstrap]}"
+
+
+def test_a_bad_bootstrap_in_the_file_or_the_environment_names_where(tmp_path: Path) -> None:
+    message = config_error(tmp_path, {CONFIG_FILE: 'bootstrap = "garbage"\n'})
+    assert message.startswith("fastconsume.toml: bootstrap: 'garbage' has no port"), message
+    (tmp_path / "env").mkdir()
+    message = config_error(tmp_path / "env", {}, {"FASTCONSUME_BOOTSTRAP": "broker:99999"})
+    assert message.startswith("FASTCONSUME_BOOTSTRAP: 'broker:99999': the port must be"), message
+
+
+# --- An unknown [plugins.NAME] names its file and the close names. ---
+
+APP_WITH_COUNT_USERS = """
+import fastconsume as fc
+
+app = fc.App("127.0.0.1:9092", "feeds", "events")
+
+@app.plugin
+def count_users(batch: fc.Batch) -> None: ...
+
+@app.plugin
+def audit(batch: fc.Batch) -> None: ...
+"""
+
+
+def test_an_unknown_plugin_table_names_its_file_and_suggests_the_apps_plugin(tmp_path: Path) -> None:
+    (tmp_path / "users.py").write_text(APP_WITH_COUNT_USERS)
+    (tmp_path / CONFIG_FILE).write_text(f'app = "{tmp_path / "users.py"}:app"\n[plugins.count_userz]\nbatch_size = 5\n')
+    with pytest.raises(fc.ConfigError) as error:
+        fc.App.from_config(load_config(cwd=tmp_path, environ={}))
+    assert str(error.value) == (
+        "fastconsume.toml: plugins.count_userz: no plugin named 'count_userz': the app's plugins are "
+        "count_users, audit, installed plugins none; did you mean 'count_users'?"
+    )
+
+
+def test_an_unknown_plugin_table_suggests_installed_plugins_too(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    installed = {name: object() for name in ("uppercase_count", "sink")}
+    monkeypatch.setattr("fastconsume._app.installed_plugins", lambda: installed)
+    (tmp_path / "users.py").write_text(APP_WITH_COUNT_USERS)
+    (tmp_path / CONFIG_FILE).write_text(f'app = "{tmp_path / "users.py"}:app"\n[plugins.uppercase_cont]\n')
+    with pytest.raises(fc.ConfigError) as error:
+        fc.App.from_config(load_config(cwd=tmp_path, environ={}))
+    assert str(error.value) == (
+        "fastconsume.toml: plugins.uppercase_cont: no plugin named 'uppercase_cont': the app's plugins are "
+        "count_users, audit, installed plugins sink, uppercase_count; did you mean 'uppercase_count'?"
+    )
+
+
+def test_an_unknown_plugin_table_in_pyproject_names_its_table(tmp_path: Path) -> None:
+    (tmp_path / "pyproject.toml").write_text(
+        '[tool.fastconsume]\nbootstrap = "b:1"\ngroup = "g"\ntopics = ["t"]\n'
+        "[tool.fastconsume.plugins.nothing_like_it]\n"
+    )
+    with pytest.raises(fc.ConfigError) as error:
+        fc.App.from_config(load_config(cwd=tmp_path, environ={}))
+    message = str(error.value)
+    assert message.startswith("pyproject.toml: tool.fastconsume.plugins.nothing_like_it: no plugin named"), message
+    assert "did you mean" not in message
+
+
+# --- One configuration story: app.run() applies the file and FASTCONSUME_* itself. ---
+
+RUN_APP = """
+import fastconsume as fc
+
+app = fc.App("127.0.0.1:1", "from-code", "no-such-topic", connect_timeout=2)
+sizes = []
+
+@app.plugin(batch_size=500)
+def count(batch: fc.Batch) -> None:
+    sizes.append(len(batch))
+
+if __name__ == "__main__":
+    app.run(idle_timeout=0.5)
+    print("sizes", max(sizes), sum(sizes), app.describe()["group"], flush=True)
+"""
+
+
+def run_python_app(tmp_path: Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    (tmp_path / "app.py").write_text(RUN_APP)
+    clean = {name: value for name, value in os.environ.items() if not name.startswith("FASTCONSUME_")}
+    return subprocess.run(
+        [sys.executable, "app.py"],
+        cwd=tmp_path,
+        env={**clean, **env},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+def test_python_app_py_applies_the_file_then_the_environment_over_the_code(
+    tmp_path: Path, mock_cluster: MockKafka
+) -> None:
+    """Case 6 of issue 9: ``python app.py`` ignored ``FASTCONSUME_*``. Now the code's
+    unreachable bootstrap and missing topic are replaced from the file, whose group the
+    environment replaces in turn, and the file's plugin option applies."""
+    topic = mock_cluster.create_topic(1)
+    produce(mock_cluster.bootstrap, topic, [b"x"] * 40, partition=0)
+    env_group = new_group()
+    (tmp_path / CONFIG_FILE).write_text(
+        f'bootstrap = "{mock_cluster.bootstrap}"\ngroup = "from-file"\ntopics = ["{topic}"]\n'
+        "[plugins.count]\nbatch_size = 7\n"
+    )
+    result = run_python_app(tmp_path, {"FASTCONSUME_GROUP": env_group})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["sizes", "7", "40", env_group]
+
+
+def test_a_misspelled_variable_is_an_error_for_python_app_py_too(tmp_path: Path) -> None:
+    started = time.monotonic()
+    result = run_python_app(tmp_path, {"FASTCONSUME_GRUOP": "feeds"})
+    assert result.returncode == 1, result.stderr
+    assert (
+        "fastconsume.errors.ConfigError: "
+        "FASTCONSUME_GRUOP: unknown environment variable; did you mean FASTCONSUME_GROUP?" in result.stderr
+    )
+    assert time.monotonic() - started < 30, "refused before connecting"
+
+
+def test_a_misspelled_variable_is_an_error_for_fastconsume_run(tmp_path: Path) -> None:
+    (tmp_path / "app.py").write_text(RUN_APP)
+    clean = {name: value for name, value in os.environ.items() if not name.startswith("FASTCONSUME_")}
+    result = subprocess.run(
+        [sys.executable, "-m", "fastconsume", "run", "app:app"],
+        cwd=tmp_path,
+        env={**clean, "FASTCONSUME_GRUOP": "feeds"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 2, result.stderr
+    assert (
+        result.stderr
+        == "fastconsume: FASTCONSUME_GRUOP: unknown environment variable; did you mean FASTCONSUME_GROUP?\n"
+    )
+
+
+def test_run_applies_the_environment_once_and_read_config_false_ignores_it(
+    tmp_path: Path, mock_cluster: MockKafka, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    topic = mock_cluster.create_topic(1)
+    produce(mock_cluster.bootstrap, topic, [b"x"] * 5, partition=0)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("FASTCONSUME_BOOTSTRAP", mock_cluster.bootstrap)
+    monkeypatch.setenv("FASTCONSUME_TOPICS", topic)
+    app = fc.App("127.0.0.1:1", new_group(), "no-such-topic")
+    app.plugin(len)
+    app.run(idle_timeout=0.3)
+    assert app.stats()["messages"] == 5
+    assert app.describe()["bootstrap"] == mock_cluster.bootstrap
+
+    monkeypatch.setenv("FASTCONSUME_GRUOP", "typo")
+    with pytest.raises(fc.ConfigError, match="FASTCONSUME_GRUOP"):
+        fc.App("127.0.0.1:1", new_group(), "t").run()
+    ignoring = fc.App(mock_cluster.bootstrap, new_group(), topic, read_config=False)
+    ignoring.plugin(len)
+    ignoring.run(idle_timeout=0.3)  # neither the typo nor the other variables apply
+    assert ignoring.stats()["messages"] == 5
+
+
+def test_processes_in_the_file_is_not_applied_by_app_run_and_says_so(
+    tmp_path: Path, mock_cluster: MockKafka, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    topic = mock_cluster.create_topic(1)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / CONFIG_FILE).write_text(
+        f'bootstrap = "{mock_cluster.bootstrap}"\ntopics = ["{topic}"]\nprocesses = 3\n'
+    )
+    app = fc.App("127.0.0.1:1", new_group(), "t")
+    app.plugin(len)
+    app.stop()
+    with caplog.at_level(logging.INFO, logger="fastconsume"):
+        app.run()
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warnings == [
+        "processes = 3 (fastconsume.toml) is not applied: app.run() runs in this process only; "
+        "`fastconsume run` starts several"
+    ]
+
+
+def test_a_stop_before_run_survives_the_configuration(
+    tmp_path: Path, mock_cluster: MockKafka, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The configuration rebuilds the app's connection; a stop() asked before run() still
+    makes that run return at once."""
+    topic = mock_cluster.create_topic(1)
+    produce(mock_cluster.bootstrap, topic, [b"x"] * 5, partition=0)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("FASTCONSUME_BOOTSTRAP", mock_cluster.bootstrap)
+    app = fc.App("127.0.0.1:1", new_group(), topic)
+    app.plugin(len)
+    app.stop()
+    started = time.monotonic()
+    app.run()  # without the stop, it would consume until a signal
+    assert time.monotonic() - started < 15
+    assert app.describe()["bootstrap"] == mock_cluster.bootstrap
+
+
+def test_a_configuration_that_fails_is_not_taken_as_applied(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A mistake in the file fails every run, not only the first."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / CONFIG_FILE).write_text("[plugins.count_userz]\n")
+    app = fc.App("127.0.0.1:9092", "g", "t")
+    app.plugin(len, name="count_users")
+    for _ in range(2):
+        with pytest.raises(
+            fc.ConfigError, match=r"fastconsume.toml: plugins.count_userz: .* did you mean 'count_users'"
+        ):
+            app.run()
+    assert [p.name for p in app.plugins] == ["count_users"]

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import difflib
 import inspect
 import logging
+import re
 import signal
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -14,7 +16,8 @@ from typing import TYPE_CHECKING, Any, TypeVar, cast, overload
 
 from . import _core
 from ._durations import Duration, seconds
-from ._loading import load_object, load_plugin
+from ._loading import installed_plugins, load_object, load_plugin
+from ._logs import run_report
 from ._plugins import (
     DEFAULT_BACKOFF,
     DEFAULT_BATCH_SIZE,
@@ -48,6 +51,8 @@ DEFAULT_SHUTDOWN_TIMEOUT = 30.0
 """Seconds a stop waits for running plugin calls before leaving without their results."""
 DEFAULT_REVOKE_TIMEOUT = 30.0
 """Seconds a rebalance waits for running calls on revoked partitions before committing."""
+DEFAULT_PROGRESS_INTERVAL = 30.0
+"""Seconds between two progress lines a run logs at INFO."""
 
 
 class App:
@@ -66,7 +71,8 @@ class App:
     ['count']
 
     Args:
-        bootstrap: ``host:port[,host:port...]`` of the Kafka brokers.
+        bootstrap: ``host:port[,host:port...]`` of the Kafka brokers, IPv6 addresses in
+            brackets (``[::1]:9092``); checked here, so a typo fails before any connection.
         group: The consumer group. Processes sharing it share the partitions.
         topics: The topics to consume.
         kafka: librdkafka properties, passed through (values are turned into strings).
@@ -87,6 +93,13 @@ class App:
             not committed if they do not return in time.
         revoke_timeout: How long a rebalance waits for running calls on the partitions it
             takes away before committing and letting them go.
+        progress_interval: How often a run logs a progress line (messages/s, lag, each
+            plugin's p99 latency and errors) to the ``fastconsume`` logger at INFO.
+        read_config: Whether the first ``run()`` applies the configuration file
+            (``./fastconsume.toml`` or ``[tool.fastconsume]``) and the ``FASTCONSUME_*``
+            variables over these arguments, as ``fastconsume run`` does (see
+            ``docs/configuration.md``). Pass ``False`` for an app whose settings only the code
+            decides, such as one in a test.
     """
 
     def __init__(
@@ -101,7 +114,10 @@ class App:
         workers: int | None = None,
         shutdown_timeout: Duration = DEFAULT_SHUTDOWN_TIMEOUT,
         revoke_timeout: Duration = DEFAULT_REVOKE_TIMEOUT,
+        progress_interval: Duration = DEFAULT_PROGRESS_INTERVAL,
+        read_config: bool = True,
     ) -> None:
+        check_bootstrap(bootstrap, "bootstrap")
         topic_list = [topics] if isinstance(topics, str) else list(topics)
         if not all(isinstance(t, str) for t in topic_list):
             raise ConfigError(f"topics must be strings, got {topic_list!r}")
@@ -116,6 +132,7 @@ class App:
             "workers": workers,
             "shutdown_timeout": shutdown_timeout,
             "revoke_timeout": revoke_timeout,
+            "progress_interval": progress_interval,
         }
         self._core = _core.Consumer(**self.connection())
         if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
@@ -124,7 +141,16 @@ class App:
         self._rate_limit = rate_limit_of(rate_limit)
         self._shutdown_timeout = seconds(shutdown_timeout, "shutdown_timeout")
         self._revoke_timeout = seconds(revoke_timeout, "revoke_timeout")
+        self._progress_interval = seconds(progress_interval, "progress_interval")
+        if self._progress_interval <= 0:
+            raise ConfigError(f"progress_interval must be positive, got {progress_interval!r}")
         self._plugins: list[Plugin] = []
+        self._read_config = read_config
+        self._configured = False
+        # The code's own settings and plugins, which a configuration is applied over.
+        self._own: tuple[dict[str, Any], list[Plugin]] | None = None
+        self._stop_requested = False  # so a stop() before run() survives the core's rebuild
+        self._stop_logged = True  # no "stopping" line outside a run
 
     @property
     def shutdown_timeout(self) -> float:
@@ -264,39 +290,74 @@ class App:
 
     @classmethod
     def from_config(cls, config: Config) -> App:
-        """The app a configuration describes: the app it names (``app = "MODULE:ATTR"``) with
-        its settings and plugin options overridden by the configuration, plus the installed
-        plugins it enables by name (see ``docs/configuration.md``)."""
-        base = load_app(config.app) if config.app else None
-        settings = dict(base._settings) if base is not None else {}
+        """The app a configuration describes: the app it names (``app = "MODULE:ATTR"``),
+        itself, with the configuration applied over its settings and plugin options, plus the
+        installed plugins the configuration enables by name (see ``docs/configuration.md``).
+        Without ``app``, a new App of the configuration's settings and installed plugins."""
+        if config.app:
+            app = load_app(config.app)
+        else:
+            missing = [key for key in ("bootstrap", "group", "topics") if key not in config.settings]
+            if missing:
+                raise ConfigError(
+                    f"{config.source}: missing {', '.join(missing)}: set them in the config file, "
+                    f"as FASTCONSUME_{missing[0].upper()}, or in the app"
+                )
+            app = cls(**cast(dict[str, Any], config.settings), read_config=False)
+        app._configure(config)
+        return app
+
+    def _configure(self, config: Config) -> None:
+        """Applies ``config`` over the code's own settings and plugin options, in place, so
+        that this object is the one that runs (and its ``stats()`` and ``stop()`` act on the
+        run). Applying a configuration again starts from the code's settings again."""
+        settings, own_plugins = self._own if self._own is not None else (self._settings, self._plugins)
+        if not config.settings and not config.plugins and self._own is None:
+            self._configured = True
+            return  # nothing to apply: the app stays as the code made it
+        merged = dict(settings)
         # Property by property: FASTCONSUME_KAFKA_SASL_PASSWORD must not drop the app's others.
-        kafka: dict[str, object] = {
+        merged["kafka"] = {
             **settings.get("kafka", {}),
             **cast(Mapping[str, object], config.settings.get("kafka", {})),
         }
-        settings.update(config.settings)
-        settings["kafka"] = kafka
-        missing = [key for key in ("bootstrap", "group", "topics") if key not in settings]
-        if missing:
-            raise ConfigError(
-                f"{config.source}: missing {', '.join(missing)}: set them in the config file, "
-                f"as FASTCONSUME_{missing[0].upper()}, or in the app"
-            )
-        app = cls(**settings)
+        merged.update({key: value for key, value in config.settings.items() if key != "kafka"})
+        plugins = self._configured_plugins(config, own_plugins)  # before any change: all or nothing
+        fresh = App(**merged, read_config=False)
+        stop_requested = self._stop_requested
+        vars(self).update(vars(fresh))  # every setting the constructor derives, and a core for them
+        self._plugins = plugins
+        self._configured = True
+        self._own = (settings, own_plugins)
+        if stop_requested:
+            self._stop_requested = True
+            self._core.stop()
+
+    def _configured_plugins(self, config: Config, own: Sequence[Plugin]) -> list[Plugin]:
+        """The app's plugins with the configuration's options, then the installed plugins the
+        configuration enables."""
         overrides = dict(config.plugins)
-        for plugin in base.plugins if base is not None else ():
+        plugins: list[Plugin] = []
+        for plugin in own:
             options = overrides.pop(plugin.name, {})
             if "entry_point" in options:
                 raise ConfigError(
-                    f"{config.source}: plugins.{plugin.name}: names a plugin of the app; "
+                    f"{config.plugins_at}.{plugin.name}: names a plugin of the app; "
                     "entry_point is only for installed plugins"
                 )
-            app._register(plugin.with_options(**options))
+            plugins.append(plugin.with_options(**options))
         for name, options in overrides.items():
             given = dict(options)
+            where = f"{config.plugins_at}.{name}"
             entry_point = str(given.pop("entry_point", name))
-            app.add_plugin(load_plugin(entry_point), name=name, **given)
-        return app
+            installed = installed_plugins()
+            if entry_point not in installed:
+                raise ConfigError(_unknown_plugin(where, entry_point, [p.name for p in own], sorted(installed)))
+            record = make_plugin(load_plugin(entry_point), name=name, **given)  # type: ignore[arg-type]
+            if any(p.name == record.name for p in plugins):
+                raise ConfigError(f"{where}: a plugin named {name!r} is already registered")
+            plugins.append(record)
+        return plugins
 
     def connection(self) -> dict[str, Any]:
         """How this app reaches Kafka, as the native module's functions take it."""
@@ -333,11 +394,31 @@ class App:
         A second SIGINT or SIGTERM raises ``KeyboardInterrupt`` at once; only completed
         work is committed. A plugin that raises stops the run with
         :class:`~fastconsume.errors.PluginError`.
+
+        The first run applies the configuration file and ``FASTCONSUME_*`` variables over
+        the code's settings, as ``fastconsume run`` does (unless ``read_config=False``); a
+        misspelled variable is a :class:`~fastconsume.errors.ConfigError`. A run logs to the
+        ``fastconsume`` logger at INFO: a start line, a progress line every
+        ``progress_interval``, a line when a stop begins and a summary at the end. Like any
+        library, fastconsume leaves configuring :mod:`logging` to the application.
         """
+        if self._read_config and not self._configured:
+            self._configure_from_files()
         idle = self.validate(idle_timeout=idle_timeout)
         linger = min(p.linger for p in self._plugins)
         rate_limit = self._rate_limit
         with ExitStack() as stack:
+            self._stop_logged = False
+            stack.callback(self._run_ended)
+            stack.enter_context(
+                run_report(
+                    self,
+                    workers=self._worker_count(),
+                    interval=self._progress_interval,
+                    logger=log,
+                    ended=lambda: "stopped" if self._stop_requested or idle is None else "drained",
+                )
+            )
             # The event loop lives as long as the run, started only if a plugin is async.
             event_loop = stack.enter_context(AsyncLoop()) if any(p.is_async for p in self._plugins) else None
             stack.enter_context(_plugins_set_up(self._plugins, event_loop))
@@ -359,6 +440,26 @@ class App:
                     _run_interruptibly(run)
             else:
                 run()
+
+    def _configure_from_files(self) -> None:
+        """What ``fastconsume run`` applies, applied by ``run()`` itself: ``./fastconsume.toml``
+        (or ``[tool.fastconsume]``), then ``FASTCONSUME_*``. ``app`` names the app
+        ``fastconsume run`` runs and ``processes`` is the supervisor's: neither applies here."""
+        from ._config import load_config  # noqa: PLC0415 -- _config builds on this module
+
+        config = load_config()
+        if config.processes > 1:
+            log.warning(
+                "processes = %d (%s) is not applied: app.run() runs in this process only; "
+                "`fastconsume run` starts several",
+                config.processes,
+                config.source,
+            )
+        self._configure(config)
+
+    def _run_ended(self) -> None:
+        self._stop_requested = False
+        self._stop_logged = True
 
     def validate(self, *, idle_timeout: Duration | None = None) -> float | None:
         """Checks what only the whole app can check (``run()`` does it first): a plugin at
@@ -394,8 +495,26 @@ class App:
 
     def stop(self) -> None:
         """Ends the current run gracefully; callable from any thread, a plugin or a signal
-        handler. Called before ``run()``, it makes the next run return at once."""
+        handler. Called before ``run()``, it makes the next run return at once. The first
+        stop of a run logs, at INFO, how long it waits for how many running calls."""
+        self._stop_requested = True
         self._core.stop()
+        if self._stop_logged:
+            return
+        self._stop_logged = True  # a second stop() (or signal) says nothing new
+        stats = self._core.stats()
+        if not stats["running"]:
+            return
+        running = sum(p["in_flight"] for p in stats["plugins"].values())
+        if running:
+            log.info(
+                "stopping: waiting up to %g s for %d running call%s, then committing",
+                self._shutdown_timeout,
+                running,
+                "" if running == 1 else "s",
+            )
+        else:
+            log.info("stopping: no call running; committing and leaving the group")
 
     def stats(self) -> dict[str, Any]:
         """Counters of the current or last run.
@@ -418,6 +537,56 @@ class App:
         stats = self._core.stats()
         stats["process"] = process_stats()
         return stats
+
+
+_HOST = re.compile(r"[A-Za-z0-9_]([A-Za-z0-9_.-]*[A-Za-z0-9_])?")
+_IPV6 = re.compile(r"\[[0-9A-Fa-f:.]+(%[A-Za-z0-9_.-]+)?\]")
+_PROTOCOLS = ("plaintext://", "ssl://", "sasl_plaintext://", "sasl_ssl://")
+
+
+def check_bootstrap(value: object, where: str) -> str:
+    """``value`` if it is a ``host:port[,host:port...]`` list, else a
+    :class:`~fastconsume.errors.ConfigError` naming the bad entry (``where`` names the
+    setting). IPv6 addresses go in brackets; a librdkafka protocol prefix is allowed.
+
+    >>> check_bootstrap("broker-1:9092,[::1]:9093", "bootstrap")
+    'broker-1:9092,[::1]:9093'
+    >>> check_bootstrap("garbage", "bootstrap")
+    Traceback (most recent call last):
+    ...
+    fastconsume.errors.ConfigError: bootstrap: 'garbage' has no port; expected host:port, like 'garbage:9092'
+    """
+    if not isinstance(value, str) or not value.strip():
+        raise ConfigError(f"{where}: expected host:port[,host:port...], got {value!r}")
+    for entry in value.split(","):
+        address = entry.strip()
+        if not address:
+            raise ConfigError(f"{where}: an empty entry in {value!r}")
+        for protocol in _PROTOCOLS:
+            if address.lower().startswith(protocol):
+                address = address[len(protocol) :]
+                break
+        host, colon, port = address.rpartition(":")
+        if not colon:
+            raise ConfigError(f"{where}: {entry.strip()!r} has no port; expected host:port, like '{address}:9092'")
+        if ":" in host and not host.startswith("["):
+            raise ConfigError(f"{where}: {entry.strip()!r}: write an IPv6 address in brackets, like '[::1]:9092'")
+        if not (_IPV6.fullmatch(host) or _HOST.fullmatch(host)):
+            raise ConfigError(f"{where}: {entry.strip()!r}: {host!r} is not a host name or address")
+        if not port.isdigit() or not 1 <= int(port) <= 65535:  # the TCP port range
+            raise ConfigError(f"{where}: {entry.strip()!r}: the port must be a number from 1 to 65535, got {port!r}")
+    return value
+
+
+def _unknown_plugin(where: str, name: str, own: Sequence[str], installed: Sequence[str]) -> str:
+    """The message for a ``[plugins.NAME]`` table that names no plugin: where it is, what
+    exists, and the closest names among both."""
+    close = difflib.get_close_matches(name, [*own, *installed], n=3)
+    hint = f"; did you mean {' or '.join(map(repr, close))}?" if close else ""
+    return (
+        f"{where}: no plugin named {name!r}: the app's plugins are {', '.join(own) or 'none'}, "
+        f"installed plugins {', '.join(installed) or 'none'}{hint}"
+    )
 
 
 def load_app(target: str) -> App:

@@ -39,7 +39,7 @@ def run_demo(messages: int = 200_000, partitions: int = DEFAULT_PARTITIONS, valu
         share = messages // partitions + (partition < messages % partitions)
         produce(cluster.bootstrap, TOPIC, [value] * share, partition=partition)
 
-    app = App(cluster.bootstrap, "fastconsume-demo", [TOPIC], kafka={"fetch.wait.max.ms": 10})
+    app = App(cluster.bootstrap, "fastconsume-demo", [TOPIC], kafka={"fetch.wait.max.ms": 10}, read_config=False)
     seen = {"count": 0, "bytes": 0}
     # (wall, cpu) at the first batch and once every message is counted: the group join and
     # the idle wait at the end are not consuming.

@@ -385,7 +385,7 @@ def run_plugin(plugin: object, messages: Iterable[MessageSpec], *, partitions: i
 
     recording = _Recording()
     tap = _tapped(record, recording)
-    app = App(cluster.bootstrap, _new_name("run-plugin"), topic)
+    app = App(cluster.bootstrap, _new_name("run-plugin"), topic, read_config=False)
     app.add_plugin(tap, **{**options, "name": record.name})
     finished = threading.Event()
     watcher = threading.Thread(
@@ -475,7 +475,7 @@ class _BenchRound:
         self._arrived = threading.Event()
         self._done = threading.Event()
         self._error: BaseException | None = None
-        self._app = App(bootstrap, _new_name("bench-plugin"), topic)
+        self._app = App(bootstrap, _new_name("bench-plugin"), topic, read_config=False)
         self._app.add_plugin(_tapped(plugin, self), **{**options, "name": plugin.name})
         self._thread = threading.Thread(target=self._run, name="fastconsume-bench-plugin", daemon=True)
         self._finished = False
