@@ -578,8 +578,9 @@ CLUSTER_FILE = "cluster"  # in a cluster's workdir: the node ids, one a line
 # no leader until then. 3 s with heartbeats every 0.5 s keeps fault tests short.
 CLUSTER_SESSION_MS = 3000
 CLUSTER_HEARTBEAT_MS = 500
-# Three JVMs share 2 cores with the test: the client JIT only (no C2) starts a node and
-# restarts a killed one about twice as fast under load; these nodes are not benchmarked.
+# Three JVMs share 2 cores with the test and its app: the client JIT alone (no C2
+# compiler threads) spends less CPU on start-up and restarts; these nodes are never
+# benchmarked, unlike the single broker.
 CLUSTER_JVM_OPTS = ["-XX:TieredStopAtLevel=1"]
 
 

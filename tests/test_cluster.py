@@ -13,6 +13,7 @@ is in every plugin's ledger and every poison message in the dead-letter topic.""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -76,6 +77,8 @@ def _ledger_plugin(name: str, directory: Path) -> Callable[[fc.Batch], None]:
 
 def main() -> None:
     """The app under test, configured by CLUSTER_* variables; runs until SIGTERM."""
+    # fastconsume's warnings (and librdkafka's, through it) go to the app's log, for failures.
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     directory = Path(os.environ["CLUSTER_DIR"])
     app = fc.App(
         os.environ["CLUSTER_BOOTSTRAP"],
@@ -353,7 +356,7 @@ def test_kill_9_group_coordinator(cluster: Any, tmp_path: Path) -> None:
 def test_all_nodes_down_for_a_while(cluster: Any, tmp_path: Path) -> None:
     def fault(cluster: Any, topic: str, group: str) -> str:
         t = time.monotonic()
-        cluster.stop_all()
+        cluster.stop_all(timeout=10.0)  # clean shutdowns, then kill -9 whichever still runs
         stopping = time.monotonic() - t
         time.sleep(12.0)
         t = time.monotonic()
