@@ -153,7 +153,7 @@ def kafka_cluster(workdir: Path, nodes: int = 3) -> Iterator[Any]:
     try:
         yield cluster
     finally:
-        cluster.stop(timeout=10.0)
+        cluster.stop()
 
 
 def end_offsets(bootstrap: str, topic: str, partitions: int) -> list[int]:
