@@ -8,10 +8,27 @@ Central jars (scripts/kafka/pom.xml) into a cache outside the clone and run with
     python scripts/kafka_broker.py fetch              # prints the libs dir
     python scripts/kafka_broker.py start --dir DIR    # prints 127.0.0.1:PORT
     python scripts/kafka_broker.py stop --dir DIR
+    python scripts/kafka_broker.py start-cluster --dir DIR [--nodes 3]   # prints the bootstrap list
+    python scripts/kafka_broker.py stop-cluster --dir DIR
 
     broker = kafka_broker.start(tmp_path)   # Broker(bootstrap, pid, workdir)
     ...
     broker.stop()                           # or kafka_broker.stop(tmp_path)
+
+    cluster = kafka_broker.start_cluster(tmp_path, nodes=3)   # Cluster(bootstrap, nodes, workdir)
+    cluster.kill(2)       # kill -9 node 2 (node ids are 1..N)
+    cluster.restart(2)    # the same command, ports and data; waits until it serves again
+    cluster.stop_node(3)  # clean shutdown (SIGTERM); cluster.start_all() starts stopped nodes
+    cluster.stop()        # every node
+
+Cluster mode (fault tests): N nodes, each broker and controller in KRaft combined mode with
+static voters (controller.quorum.voters lists every node; storage is formatted without
+--standalone, with one shared cluster id). A separate quorum would cost more JVMs on 2 cores;
+with N=3 combined nodes, any one node can die and the other two keep both the quorum and the
+in-sync replicas. Each node lives in DIR/node<id> with its own ports (picked once, kept in
+its server.properties, reused on every restart), log.dirs and broker.log. Defaults: RF 3 for
+new and internal topics, min.insync.replicas 2, and a short broker session (a killed node
+is fenced after 3 s, not 9 s) so that leaders move quickly.
 
 Needs `java` 17+ (JAVA_HOME or PATH) and `mvn` on PATH for the first fetch.
 Cache root: $FASTCONSUME_CACHE, default ~/.cache/fastconsume.
@@ -554,6 +571,297 @@ def _stop_leftovers() -> None:
             stop(wd)
 
 
+# ---------------------------------------------------------------------------- cluster
+
+CLUSTER_FILE = "cluster"  # in a cluster's workdir: the node ids, one a line
+# Fencing a dead node takes broker.session.timeout.ms (9 s by default); its partitions have
+# no leader until then. 3 s with heartbeats every 0.5 s keeps fault tests short.
+CLUSTER_SESSION_MS = 3000
+CLUSTER_HEARTBEAT_MS = 500
+# Three JVMs share 2 cores with the test and its app: the client JIT alone (no C2
+# compiler threads) spends less CPU on start-up and restarts; these nodes are never
+# benchmarked, unlike the single broker.
+CLUSTER_JVM_OPTS = ["-XX:TieredStopAtLevel=1"]
+# Every node signalled at once usually shuts down cleanly in ~6 s, but now and then one waits
+# for a quorum that has gone and only SIGKILL ends it (seen with 4.4.0: the 30 s of
+# STOP_TIMEOUT, then kill). The data survives a kill -9 either way, so wait less.
+CLUSTER_STOP_TIMEOUT = 10.0
+
+
+def _node_dir(workdir: Path, node_id: int) -> Path:
+    return workdir / f"node{node_id}"
+
+
+def _node_properties(
+    wd: Path, node_id: int, ports: Mapping[int, tuple[int, int]], overrides: Mapping[str, str]
+) -> dict[str, str]:
+    """server.properties of one node of a cluster: the single broker's, with every node a
+    voter, replication factors of min(3, N) and min.insync.replicas one less (2 for N=3)."""
+    port, ctrl_port = ports[node_id]
+    rf = str(min(3, len(ports)))
+    isr = str(max(1, min(3, len(ports)) - 1))
+    props = _server_properties(
+        wd,
+        port,
+        ctrl_port,
+        {
+            "node.id": str(node_id),
+            "controller.quorum.voters": ",".join(f"{n}@{HOST}:{c}" for n, (_, c) in sorted(ports.items())),
+            "default.replication.factor": rf,
+            "min.insync.replicas": isr,
+            "offsets.topic.replication.factor": rf,
+            "transaction.state.log.replication.factor": rf,
+            "transaction.state.log.min.isr": isr,
+            "share.coordinator.state.topic.replication.factor": rf,
+            "share.coordinator.state.topic.min.isr": isr,
+            "broker.session.timeout.ms": str(CLUSTER_SESSION_MS),
+            "broker.heartbeat.interval.ms": str(CLUSTER_HEARTBEAT_MS),
+            # No unclean elections: a restarted node must not take over with a stale log.
+            "unclean.leader.election.enable": "false",
+            **overrides,
+        },
+    )
+    return props
+
+
+def _node_ports(wd: Path) -> tuple[int, int]:
+    """(client port, controller port) of a node, from its server.properties."""
+    props = _read_properties(wd / PROPS_FILE)
+    port = int(props["listeners"].split(",")[0].rsplit(":", 1)[1])
+    node_id = props["node.id"]
+    voters = dict(v.split("@", 1) for v in props["controller.quorum.voters"].split(","))
+    return port, int(voters[node_id].rsplit(":", 1)[1])
+
+
+def _spawn(java: str, libs: Path, wd: Path) -> tuple[subprocess.Popen[bytes], int]:
+    """Start a node's JVM without waiting; return it and broker.log's offset before it."""
+    port, ctrl_port = _node_ports(wd)
+    cmd = [
+        java, *JVM_OPTS, *CLUSTER_JVM_OPTS,
+        f"-Dlog4j2.configurationFile={LOG4J_CONFIG}",
+        "-cp", str(libs / "*"),
+        "kafka.Kafka", str(wd / PROPS_FILE),
+    ]  # fmt: skip
+    with (wd / LOG_FILE).open("ab") as log:
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+        log.write(f"=== kafka_broker.py start {stamp} port={port} controller={ctrl_port}\n".encode())
+        log.flush()
+        since = log.tell()
+        # Own process group, as for the single broker (see _launch).
+        proc = subprocess.Popen(
+            cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+            cwd=wd, start_new_session=True,
+        )  # fmt: skip
+    _CHILDREN[proc.pid] = (proc, wd)
+    (wd / PID_FILE).write_text(f"{proc.pid}\n")
+    return proc, since
+
+
+@dataclass
+class Node:
+    """One node of a Cluster: broker and controller."""
+
+    node_id: int
+    workdir: Path
+    port: int
+    controller_port: int
+
+    @property
+    def bootstrap(self) -> str:
+        return f"{HOST}:{self.port}"
+
+    @property
+    def pid(self) -> int | None:
+        """The node's JVM pid, None while it is down."""
+        return _running_pid(self.workdir)
+
+
+@dataclass
+class Cluster:
+    """A running cluster started by start_cluster(); nodes keep their ports across restarts."""
+
+    bootstrap: str  # every node's address, comma-separated
+    nodes: dict[int, Node]
+    workdir: Path
+    timeout: float = START_TIMEOUT
+
+    def node(self, node_id: int) -> Node:
+        try:
+            return self.nodes[node_id]
+        except KeyError:
+            raise BrokerError(f"no node {node_id} in {self.workdir} (nodes {sorted(self.nodes)})") from None
+
+    def kill(self, node_id: int) -> None:
+        """kill -9 a node (its whole process group) and wait until it is gone."""
+        wd = self.node(node_id).workdir
+        pid = _running_pid(wd)
+        if pid is None:
+            raise BrokerError(f"node {node_id} is not running")
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pid, signal.SIGKILL)
+        if not _wait_gone(pid, 10.0):
+            raise BrokerError(f"node {node_id} (pid {pid}) survived SIGKILL")
+        _forget(wd, pid)
+
+    def stop_node(self, node_id: int, timeout: float = STOP_TIMEOUT) -> None:
+        """Clean shutdown of one node (SIGTERM, SIGKILL after `timeout` s)."""
+        stop(self.node(node_id).workdir, timeout=timeout)
+
+    def restart(self, node_id: int) -> None:
+        """Start a stopped or killed node again, same ports and data; wait until it serves."""
+        self.start_nodes([node_id])
+
+    def start_all(self) -> None:
+        """Start every node that is down (all at once: a lone node has no quorum)."""
+        self.start_nodes([n for n, node in self.nodes.items() if node.pid is None])
+
+    def start_nodes(self, node_ids: list[int]) -> None:
+        libs, java = fetch(), _java()
+        for n in node_ids:
+            if self.node(n).pid is not None:
+                raise BrokerError(f"node {n} is already running")
+        spawned = [(n, *_spawn(java, libs, self.node(n).workdir)) for n in node_ids]
+        try:
+            for n, proc, since in spawned:
+                node = self.node(n)
+                try:
+                    _wait_ready(proc, node.workdir, node.port, since, self.timeout)
+                except _PortTakenError:
+                    raise _ClusterPortTakenError(
+                        f"node {n} could not bind {HOST}:{node.port}/{node.controller_port}:\n{_log_tail(node.workdir)}"
+                    ) from None
+                (node.workdir / BOOTSTRAP_FILE).write_text(node.bootstrap + "\n")
+        except BaseException:
+            for n, _proc, _since in spawned:
+                with contextlib.suppress(BrokerError, OSError):
+                    stop(self.node(n).workdir)
+            raise
+
+    def stop_all(self, timeout: float = CLUSTER_STOP_TIMEOUT) -> None:
+        """Clean shutdown of every running node, signalled at once (one by one, the last
+        nodes would wait for a quorum that is already gone); SIGKILL after `timeout` s."""
+        pids = {n: node.pid for n, node in self.nodes.items()}
+        for pid in pids.values():
+            if pid is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(pid, signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        for n, pid in pids.items():
+            if pid is None:
+                continue
+            if not _wait_gone(pid, max(0.0, deadline - time.monotonic())):
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(pid, signal.SIGKILL)
+                if not _wait_gone(pid, 10.0):
+                    raise BrokerError(f"node {n} (pid {pid}) survived SIGKILL")
+            _forget(self.nodes[n].workdir, pid)
+
+    def stop(self, timeout: float = CLUSTER_STOP_TIMEOUT) -> None:
+        """Stop every node (the cluster's files stay; start_cluster() on the dir resumes it)."""
+        self.stop_all(timeout=timeout)
+
+
+def _load_cluster(wd: Path, timeout: float) -> Cluster:
+    ids = [int(line) for line in (wd / CLUSTER_FILE).read_text().split()]
+    nodes = {}
+    for n in ids:
+        port, ctrl_port = _node_ports(_node_dir(wd, n))
+        nodes[n] = Node(n, _node_dir(wd, n), port, ctrl_port)
+    bootstrap = ",".join(node.bootstrap for node in nodes.values())
+    return Cluster(bootstrap=bootstrap, nodes=nodes, workdir=wd, timeout=timeout)
+
+
+def start_cluster(
+    workdir: str | os.PathLike[str],
+    *,
+    nodes: int = 3,
+    timeout: float = START_TIMEOUT,
+    overrides: Mapping[str, str] | None = None,
+) -> Cluster:
+    """Start an N-node KRaft cluster (every node broker and controller) in `workdir`.
+
+    The first start picks ports, writes each node's server.properties and formats its
+    storage with one cluster id; later starts on the same dir reuse all of it (`nodes` and
+    `overrides` then come from the files). Returns once every node answers on its client
+    port and the group coordinator is available. Raises BrokerError, quoting broker.log.
+    """
+    wd = Path(workdir).resolve()
+    wd.mkdir(parents=True, exist_ok=True)
+    if (wd / CLUSTER_FILE).is_file():
+        cluster = _load_cluster(wd, timeout)
+        cluster.start_all()
+        return cluster
+    if nodes < 1:
+        raise BrokerError(f"a cluster needs at least one node, not {nodes}")
+    # A picked port can be taken by someone else before a JVM binds it: start afresh on that.
+    for attempt in range(1, 4):
+        _make_cluster(wd, nodes, overrides or {})
+        cluster = _load_cluster(wd, timeout)
+        try:
+            cluster.start_all()
+        except _ClusterPortTakenError:
+            if attempt == 3:
+                raise
+            _remove_cluster(wd, nodes)
+            continue
+        return cluster
+    raise AssertionError("unreachable")
+
+
+class _ClusterPortTakenError(BrokerError):
+    pass
+
+
+def _make_cluster(wd: Path, nodes: int, overrides: Mapping[str, str]) -> None:
+    """Pick every node's ports, write its server.properties and format its storage."""
+    libs, java = fetch(), _java()
+    flat = _free_ports(2 * nodes)
+    ports = {n: (flat[2 * i], flat[2 * i + 1]) for i, n in enumerate(range(1, nodes + 1))}
+    for n in ports:
+        nd = _node_dir(wd, n)
+        nd.mkdir(parents=True, exist_ok=True)
+        _write_properties(nd / PROPS_FILE, _node_properties(nd, n, ports, overrides))
+    try:
+        _format_nodes(java, libs, [_node_dir(wd, n) for n in ports], _cluster_id())
+    except BaseException:
+        _remove_cluster(wd, nodes)  # half-formatted storage would fail the next format
+        raise
+    (wd / CLUSTER_FILE).write_text("".join(f"{n}\n" for n in ports))
+
+
+def _remove_cluster(wd: Path, nodes: int) -> None:
+    (wd / CLUSTER_FILE).unlink(missing_ok=True)
+    for n in range(1, nodes + 1):
+        shutil.rmtree(_node_dir(wd, n), ignore_errors=True)
+
+
+def _format_nodes(java: str, libs: Path, workdirs: list[Path], cluster_id: str) -> None:
+    """Format every node's storage with one cluster id, in parallel (a JVM start each).
+    Static voters: no --standalone."""
+    procs = []
+    for wd in workdirs:
+        cmd = [
+            java, f"-Dlog4j2.configurationFile={LOG4J_CONFIG}",
+            "-cp", str(libs / "*"),
+            "kafka.tools.StorageTool", "format",
+            "-t", cluster_id,
+            "-c", str(wd / PROPS_FILE),
+        ]  # fmt: skip
+        with (wd / LOG_FILE).open("ab") as log:
+            procs.append((wd, subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)))
+    failed = [(wd, proc.wait()) for wd, proc in procs]
+    for wd, rc in failed:
+        if rc != 0:
+            raise BrokerError(f"kafka StorageTool format failed ({rc}) in {wd}:\n{_log_tail(wd)}")
+
+
+def stop_cluster(workdir: str | os.PathLike[str], *, timeout: float = CLUSTER_STOP_TIMEOUT) -> None:
+    """Stop every node of the cluster in `workdir`; no-op when none runs or none was made."""
+    wd = Path(workdir).resolve()
+    if (wd / CLUSTER_FILE).is_file():
+        _load_cluster(wd, START_TIMEOUT).stop_all(timeout=timeout)
+
+
 # ---------------------------------------------------------------------------- CLI
 
 
@@ -568,6 +876,13 @@ def main(argv: list[str] | None = None) -> int:
     p_stop = sub.add_parser("stop", help="stop the broker in DIR (no-op if none)")
     p_stop.add_argument("--dir", required=True, type=Path)
     p_stop.add_argument("--timeout", type=float, default=STOP_TIMEOUT)
+    p_cstart = sub.add_parser("start-cluster", help="start an N-node cluster in DIR; print its bootstrap list")
+    p_cstart.add_argument("--dir", required=True, type=Path)
+    p_cstart.add_argument("--nodes", type=int, default=3)
+    p_cstart.add_argument("--timeout", type=float, default=START_TIMEOUT)
+    p_cstop = sub.add_parser("stop-cluster", help="stop the cluster in DIR (no-op if none)")
+    p_cstop.add_argument("--dir", required=True, type=Path)
+    p_cstop.add_argument("--timeout", type=float, default=CLUSTER_STOP_TIMEOUT)
     args = parser.parse_args(argv)
     try:
         if args.command == "fetch":
@@ -577,6 +892,13 @@ def main(argv: list[str] | None = None) -> int:
             # The broker must outlive this process: drop it from the atexit hook's list.
             _CHILDREN.pop(broker.pid, None)
             print(broker.bootstrap)
+        elif args.command == "start-cluster":
+            cluster = start_cluster(args.dir, nodes=args.nodes, timeout=args.timeout)
+            for node in cluster.nodes.values():  # the nodes outlive this process
+                _CHILDREN.pop(node.pid or -1, None)
+            print(cluster.bootstrap)
+        elif args.command == "stop-cluster":
+            stop_cluster(args.dir, timeout=args.timeout)
         else:
             stop(args.dir, timeout=args.timeout)
     except BrokerError as exc:

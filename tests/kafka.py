@@ -10,7 +10,8 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Protocol
+from types import ModuleType
+from typing import Any, Protocol
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Message, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
@@ -127,5 +128,38 @@ def read_topic(bootstrap: str, topic: str, partitions: int = 1, timeout: float =
             else:
                 raise AssertionError(f"reading {topic}: {error}")
         return messages
+    finally:
+        consumer.close()
+
+
+def broker_script() -> ModuleType:
+    """``scripts/kafka_broker.py``, loaded by path (it is a script, not a package)."""
+    spec = importlib.util.spec_from_file_location("kafka_broker", ROOT / "scripts" / "kafka_broker.py")
+    assert spec is not None
+    assert spec.loader is not None
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    return script
+
+
+@contextmanager
+def kafka_cluster(workdir: Path, nodes: int = 3) -> Iterator[Any]:
+    """A real N-node Kafka cluster (``kafka_broker.start_cluster``: every node broker and
+    controller, RF 3, ``min.insync.replicas=2``) started in ``workdir`` and stopped after.
+    Yields the script's ``Cluster``: ``bootstrap``, ``nodes``, ``kill(id)``, ``restart(id)``,
+    ``stop_all()``, ``start_all()``. Always a new cluster: ``FASTCONSUME_TEST_BOOTSTRAP``
+    names a single broker, which cannot take these faults."""
+    cluster = broker_script().start_cluster(workdir, nodes=nodes)
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+def end_offsets(bootstrap: str, topic: str, partitions: int) -> list[int]:
+    """Each partition's end offset (high watermark: what is replicated to the in-sync replicas)."""
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": new_group()})
+    try:
+        return [consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=30)[1] for p in range(partitions)]
     finally:
         consumer.close()
