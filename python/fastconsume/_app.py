@@ -48,6 +48,10 @@ DEFAULT_SHUTDOWN_TIMEOUT = 30.0
 """Seconds a stop waits for running plugin calls before leaving without their results."""
 DEFAULT_REVOKE_TIMEOUT = 30.0
 """Seconds a rebalance waits for running calls on revoked partitions before committing."""
+DEFAULT_DLQ_TIMEOUT = 30.0
+"""Seconds one dead-letter write may wait for the broker's acknowledgement before it fails."""
+MAX_DLQ_TIMEOUT = 24 * 86_400.0
+"""librdkafka's ``message.timeout.ms`` is at most 2**31 - 1 ms, a little over 24 days."""
 
 
 class App:
@@ -87,6 +91,12 @@ class App:
             not committed if they do not return in time.
         revoke_timeout: How long a rebalance waits for running calls on the partitions it
             takes away before committing and letting them go.
+        dlq_timeout: How long one dead-letter write may wait for the broker's acknowledgement
+            (librdkafka's ``message.timeout.ms`` of the dead-letter producer, unless ``kafka``
+            sets it or ``delivery.timeout.ms``). While it waits, the failed call keeps its
+            concurrency slot and its messages stay uncommitted; a warning is logged within
+            5 s and then periodically. Past it, the run ends with
+            :class:`~fastconsume.errors.KafkaError` naming the cause.
     """
 
     def __init__(
@@ -101,6 +111,7 @@ class App:
         workers: int | None = None,
         shutdown_timeout: Duration = DEFAULT_SHUTDOWN_TIMEOUT,
         revoke_timeout: Duration = DEFAULT_REVOKE_TIMEOUT,
+        dlq_timeout: Duration = DEFAULT_DLQ_TIMEOUT,
     ) -> None:
         topic_list = [topics] if isinstance(topics, str) else list(topics)
         if not all(isinstance(t, str) for t in topic_list):
@@ -116,6 +127,7 @@ class App:
             "workers": workers,
             "shutdown_timeout": shutdown_timeout,
             "revoke_timeout": revoke_timeout,
+            "dlq_timeout": dlq_timeout,
         }
         self._core = _core.Consumer(**self.connection())
         if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
@@ -124,6 +136,9 @@ class App:
         self._rate_limit = rate_limit_of(rate_limit)
         self._shutdown_timeout = seconds(shutdown_timeout, "shutdown_timeout")
         self._revoke_timeout = seconds(revoke_timeout, "revoke_timeout")
+        self._dlq_timeout = seconds(dlq_timeout, "dlq_timeout")
+        if not 0.01 <= self._dlq_timeout <= MAX_DLQ_TIMEOUT:
+            raise ConfigError(f"dlq_timeout must be between 10 ms and 24 days, got {dlq_timeout!r}")
         self._plugins: list[Plugin] = []
 
     @property
@@ -352,6 +367,7 @@ class App:
                     idle_timeout=idle,
                     rate_limit=rate_limit,
                     event_loop=event_loop,
+                    dlq_timeout=self._dlq_timeout,
                 )
 
             if threading.current_thread() is threading.main_thread():

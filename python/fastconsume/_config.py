@@ -28,7 +28,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn, cast, get_args
 
-from ._app import DEFAULT_CONNECT_TIMEOUT, DEFAULT_REVOKE_TIMEOUT, DEFAULT_SHUTDOWN_TIMEOUT, _property_value
+from ._app import (
+    DEFAULT_CONNECT_TIMEOUT,
+    DEFAULT_DLQ_TIMEOUT,
+    DEFAULT_REVOKE_TIMEOUT,
+    DEFAULT_SHUTDOWN_TIMEOUT,
+    _property_value,
+)
 from ._durations import _UNITS, Duration, seconds
 from ._plugins import (
     DEFAULT_BACKOFF,
@@ -129,7 +135,7 @@ class Config:
     """``MODULE:ATTR`` or ``path/to/file.py:ATTR`` of an App whose plugins run."""
     settings: dict[str, object]
     """``App(...)`` keyword arguments given: bootstrap, group, topics, kafka, rate_limit,
-    workers, connect_timeout, shutdown_timeout, revoke_timeout."""
+    workers, connect_timeout, shutdown_timeout, revoke_timeout, dlq_timeout."""
     processes: int
     plugins: dict[str, dict[str, object]]
     """Plugin name -> ``App.plugin(...)`` options given (plus ``entry_point`` if given)."""
@@ -414,6 +420,14 @@ TOP_LEVEL_KEYS: tuple[Key, ...] = (
         DURATION,
         _toml(DEFAULT_REVOKE_TIMEOUT),
         "How long a rebalance waits for running calls on the partitions it takes away before committing.",
+    ),
+    Key(
+        "dlq_timeout",
+        DURATION,
+        _toml(DEFAULT_DLQ_TIMEOUT),
+        "How long one dead-letter write may wait for the broker's acknowledgement (the dead-letter "
+        "producer's `message.timeout.ms`, unless `kafka` sets it); then the run fails with the cause and "
+        "the messages stay uncommitted.",
     ),
     Key(
         "plugins",
