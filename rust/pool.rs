@@ -90,10 +90,10 @@ enum Timer {
     },
 }
 
-/// The first warning about a waiting dead-letter write comes after this long (or half its
-/// bound, if sooner, so that it comes before the write fails); the interval then doubles up
-/// to `DEAD_LETTER_WARN_MAX`, so a long bound does not flood the log.
-const DEAD_LETTER_WARN_AFTER: Duration = Duration::from_secs(5);
+/// A waiting dead-letter write is warned about every `DEAD_LETTER_WARN_EVERY` (or a third of
+/// its bound, if sooner, so that warnings come before it fails); once it has waited
+/// `DEAD_LETTER_WARN_MAX`, every `DEAD_LETTER_WARN_MAX`, so a long bound does not flood the log.
+const DEAD_LETTER_WARN_EVERY: Duration = Duration::from_secs(5);
 const DEAD_LETTER_WARN_MAX: Duration = Duration::from_secs(60);
 
 /// A dead-letter write in flight: for the stats, and for the warnings while it waits.
@@ -702,7 +702,7 @@ impl<E: CallFailure + 'static> Pool<E> {
         let started = Instant::now();
         let bound = dead_letters.timeout();
         // Never zero: a zero interval would refire at once, forever.
-        let every = DEAD_LETTER_WARN_AFTER.min(bound / 2).max(Duration::from_millis(100));
+        let every = DEAD_LETTER_WARN_EVERY.min(bound / 3).max(Duration::from_millis(100));
         let mut state = self.lock();
         let write = state.next_write;
         state.next_write += 1;
@@ -751,7 +751,9 @@ impl<E: CallFailure + 'static> Pool<E> {
             waited.as_secs_f64(),
             record.bound.as_secs_f64(),
         );
-        record.every = (record.every * 2).min(DEAD_LETTER_WARN_MAX);
+        if waited >= DEAD_LETTER_WARN_MAX {
+            record.every = DEAD_LETTER_WARN_MAX;
+        }
         let next = now + record.every;
         // `fire` recomputes the driver's wake-up after its entries, so no wake is needed.
         let (key, _) = Self::schedule(state, next, Timer::DeadLetterWait { write });

@@ -133,6 +133,11 @@ def test_a_dead_letter_write_that_cannot_complete_warns_shows_in_stats_and_ends_
     assert first_at - failed <= 5.0, f"the first warning came {first_at - failed:.1f} s after the failure"
     for part in ('"picky"', f'"{dlq}"', f"{topic}[0] offsets 0..=9", "dlq_timeout"):
         assert part in first, f"{part} not in the warning {first!r}"
+    # Every third of the 4 s bound: at about 1.3 s and 2.7 s (and perhaps 4 s, racing the end).
+    waits = [float(m) for _, w in waiting for m in re.findall(r"has waited ([0-9.]+) s", w)]
+    assert len(waits) >= 2, f"the write was warned about once, not periodically: {waiting}"
+    assert waits == sorted(waits), f"waits reported: {waits}"
+    assert waits[1] - waits[0] >= 1.0, f"waits reported: {waits}"
 
     pending = [s for s in samples if s["dead_letters_pending"] > 0]
     assert pending, f"stats never showed the pending write: {samples[-3:]}"

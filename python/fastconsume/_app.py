@@ -94,8 +94,8 @@ class App:
         dlq_timeout: How long one dead-letter write may wait for the broker's acknowledgement
             (librdkafka's ``message.timeout.ms`` of the dead-letter producer, unless ``kafka``
             sets it or ``delivery.timeout.ms``). While it waits, the failed call keeps its
-            concurrency slot and its messages stay uncommitted; a warning is logged within
-            5 s and then periodically. Past it, the run ends with
+            concurrency slot and its messages stay uncommitted; a warning is logged every
+            5 s (or every third of ``dlq_timeout``, if shorter). Past it, the run ends with
             :class:`~fastconsume.errors.KafkaError` naming the cause.
     """
 
