@@ -87,6 +87,12 @@ const STEP: Duration = Duration::from_millis(5);
 /// `dlq_timeout`.
 const TIMEOUT_PROPERTIES: [&str; 2] = ["message.timeout.ms", "delivery.timeout.ms"];
 
+/// librdkafka retries some broker answers (too few in-sync replicas, no leader, a topic not
+/// yet known) until the bound, and says so only in debug lines of these contexts: one per
+/// produce request or metadata reply, never per message, and the dead-letter producer is idle
+/// unless plugins fail. `Acks::log` keeps the error they name; a user's own `debug` wins.
+const DEBUG_CONTEXTS: &str = "msg,topic";
+
 pub const HEADER_PLUGIN: &str = "fastconsume.plugin";
 pub const HEADER_ERROR_TYPE: &str = "fastconsume.error.type";
 pub const HEADER_ERROR_MESSAGE: &str = "fastconsume.error.message";
@@ -218,6 +224,30 @@ impl Job {
     }
 }
 
+/// The error a librdkafka debug line reports for a write it retries, if it reports one: a
+/// produce request's answer (`MSGSET ... <topic> [<partition>]: MessageSet with N message(s)
+/// (...) encountered error: <text> (actions ...)`) or a metadata reply's (`METADATA Error in
+/// metadata reply for topic <topic> (PartCnt N): <text>`).
+fn retried_error(fac: &str, message: &str) -> Option<String> {
+    match fac {
+        "MSGSET" => {
+            let (before, after) = message.split_once(": MessageSet with ")?;
+            let (_, error) = after.split_once("encountered error: ")?;
+            let error = error.split_once(" (actions ").map_or(error, |(text, _)| text);
+            // `before` ends with the partition, after librdkafka's thread and broker prefixes.
+            let partition = before.rsplit(": ").next().unwrap_or(before);
+            Some(format!("produce to {partition}: {error}"))
+        }
+        "METADATA" => {
+            let (_, rest) = message.split_once("rror in metadata reply for topic ")?;
+            let (topic, after) = rest.split_once(" (PartCnt ")?;
+            let (_, error) = after.split_once("): ")?;
+            Some(format!("metadata for topic {topic}: {error}"))
+        }
+        _ => None,
+    }
+}
+
 /// Calls `done`, keeping a panic inside it from unwinding into librdkafka's polling thread,
 /// whose death would leave every later dead-letter write unreported.
 fn report(done: Done, result: Result<(), Error>) {
@@ -240,6 +270,9 @@ struct Acks {
     /// librdkafka refused it), so zero means no `done` is still due for anything sent.
     outstanding: AtomicUsize,
     last_error: Arc<LastError>,
+    /// Whether the user asked for librdkafka's debug lines; otherwise the ones enabled for
+    /// `retried_error` are read and not logged.
+    log_debug: bool,
 }
 
 impl ClientContext for Acks {
@@ -257,7 +290,14 @@ impl ClientContext for Acks {
             RDKafkaLogLevel::Notice | RDKafkaLogLevel::Info => {
                 log::info!(target: "librdkafka", "librdkafka: {fac} {message}");
             }
-            RDKafkaLogLevel::Debug => log::debug!(target: "librdkafka", "librdkafka: {fac} {message}"),
+            RDKafkaLogLevel::Debug => {
+                if self.log_debug {
+                    log::debug!(target: "librdkafka", "librdkafka: {fac} {message}");
+                }
+                if let Some(error) = retried_error(fac, message) {
+                    self.last_error.set(error);
+                }
+            }
         }
     }
 
@@ -314,8 +354,8 @@ impl DeadLetters {
     /// `message.timeout.ms` or its alias `delivery.timeout.ms`.
     pub fn new(bootstrap: &str, kafka: &[(String, String)], timeout: Duration) -> Result<Self, Error> {
         let (config, timeout) = producer_config(bootstrap, kafka, timeout);
-        let producer =
-            config.create_with_context(Acks::default()).map_err(|e| Error::kafka("create dead-letter producer", e))?;
+        let acks = Acks { log_debug: kafka.iter().any(|(name, _)| name == "debug"), ..Acks::default() };
+        let producer = config.create_with_context(acks).map_err(|e| Error::kafka("create dead-letter producer", e))?;
         Ok(DeadLetters { producer, timeout })
     }
 
@@ -483,6 +523,9 @@ fn text<'a>(key: &'a str, value: &'a str) -> Header<'a, &'a [u8]> {
 /// reject is left for it to name).
 fn producer_config(bootstrap: &str, kafka: &[(String, String)], timeout: Duration) -> (ClientConfig, Duration) {
     let mut config = ClientConfig::new();
+    // rust-rdkafka lowers librdkafka's log level to what the `log` crate lets through, which
+    // would drop the debug lines; they are only read here (`Acks::log`), not emitted.
+    config.set("debug", DEBUG_CONTEXTS).set_log_level(RDKafkaLogLevel::Debug);
     let mut bound = None;
     for (name, value) in kafka {
         if !CONSUMER_ONLY.contains(&name.as_str()) {
@@ -732,7 +775,31 @@ mod tests {
         assert!(took >= Duration::from_millis(1400) && took < Duration::from_secs(6), "failed after {took:?}");
         assert!(failure.cause.contains("MessageTimedOut"), "{}", failure.cause);
         assert!(failure.cause.contains("after 1.5 s (dlq_timeout"), "{}", failure.cause);
+        // What librdkafka retried meanwhile is the real cause.
+        let unknown = "librdkafka's last error: metadata for topic missing: Broker: Unknown topic or partition";
+        assert!(failure.cause.contains(unknown), "{}", failure.cause);
         assert!(letters.flush(Duration::from_secs(5)));
+    }
+
+    #[test]
+    fn the_errors_librdkafka_retries_are_read_from_its_debug_lines() {
+        let produce = "[thrd:127.0.0.1:9092/1]: 127.0.0.1:9092/1: events.dlq [0]: MessageSet with 3 message(s) \
+                       (MsgId 1, BaseSeq 0) encountered error: Broker: Not enough in-sync replicas \
+                       (actions Retry,MsgNotPersisted)";
+        assert_eq!(
+            retried_error("MSGSET", produce).as_deref(),
+            Some("produce to events.dlq [0]: Broker: Not enough in-sync replicas")
+        );
+        let metadata =
+            "[thrd:main]: Error in metadata reply for topic dlq (PartCnt 0): Broker: Unknown topic or partition";
+        assert_eq!(
+            retried_error("METADATA", metadata).as_deref(),
+            Some("metadata for topic dlq: Broker: Unknown topic or partition")
+        );
+        let delivered = "[thrd:main]: events.dlq [0]: MessageSet with 3 message(s) (MsgId 1, BaseSeq 0) delivered";
+        assert_eq!(retried_error("MSGSET", delivered), None);
+        assert_eq!(retried_error("METADATA", "[thrd:main]: 1/1 requested topic(s) seen in metadata"), None);
+        assert_eq!(retried_error("PRODUCE", produce), None);
     }
 
     #[test]
@@ -753,6 +820,9 @@ mod tests {
     fn the_bound_is_dlq_timeout_unless_the_user_set_librdkafkas() {
         let (config, bound) = producer_config("127.0.0.1:9", &[], Duration::from_secs(30));
         assert_eq!((config.get("message.timeout.ms"), bound), (Some("30000"), Duration::from_secs(30)));
+        assert_eq!(config.get("debug"), Some(DEBUG_CONTEXTS));
+        let (config, _) = producer_config("127.0.0.1:9", &[("debug".into(), "all".into())], BOUND);
+        assert_eq!(config.get("debug"), Some("all"), "the user's debug contexts win");
         let (config, bound) = producer_config("127.0.0.1:9", &[], Duration::from_micros(10));
         assert_eq!((config.get("message.timeout.ms"), bound), (Some("1"), Duration::from_micros(10)));
         for name in TIMEOUT_PROPERTIES {
