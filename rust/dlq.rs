@@ -555,7 +555,9 @@ mod tests {
     use rdkafka::config::RDKafkaLogLevel;
     use rdkafka::consumer::{BaseConsumer, Consumer};
     use rdkafka::message::{Headers, Message, OwnedMessage, Timestamp};
+    use rdkafka::mocking::MockCluster;
     use rdkafka::producer::BaseProducer;
+    use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
     use rdkafka::{Offset, TopicPartitionList};
 
     use super::*;
@@ -779,6 +781,32 @@ mod tests {
         let unknown = "librdkafka's last error: metadata for topic missing: Broker: Unknown topic or partition";
         assert!(failure.cause.contains(unknown), "{}", failure.cause);
         assert!(letters.flush(Duration::from_secs(5)));
+    }
+
+    #[test]
+    fn a_write_librdkafka_retries_names_the_brokers_answer() {
+        // Every produce request is answered NOT_ENOUGH_REPLICAS, which librdkafka retries
+        // until the bound, as it does for a partition short of in-sync replicas.
+        let cluster = MockCluster::new(1).expect("mock cluster");
+        cluster.create_topic("dlq", 1, 1).expect("topic");
+        cluster.request_errors(RDKafkaApiKey::Produce, &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_NOT_ENOUGH_REPLICAS; 1000]);
+        let letters =
+            DeadLetters::new(&cluster.bootstrap_servers(), &[], Duration::from_millis(1500)).expect("producer");
+        let started = Instant::now();
+        let (done, rx) = done();
+        letters.send("dlq", &batch(), &[0, 1], &info(), done);
+        // While it waits, the broker's answer is known...
+        let deadline = started + Duration::from_secs(1);
+        let mut seen = None;
+        while seen.is_none() && Instant::now() < deadline {
+            seen = letters.last_error().since(started);
+            thread::sleep(Duration::from_millis(20));
+        }
+        assert_eq!(seen.as_deref(), Some("produce to dlq [0]: Broker: Not enough in-sync replicas"));
+        // ...and the failure at the bound names it.
+        let failure = dead_letter_failure(outcome(&rx));
+        assert!(failure.cause.contains("Not enough in-sync replicas"), "{}", failure.cause);
+        assert!(started.elapsed() < Duration::from_secs(6), "failed after {:?}", started.elapsed());
     }
 
     #[test]
