@@ -37,6 +37,9 @@ pub struct RunOptions {
     pub revoke_timeout: Duration,
     /// The app's rate limit, charged per fetched batch.
     pub rate_limit: Option<RateLimit>,
+    /// The bound of one dead-letter write (the producer's `message.timeout.ms`, unless the
+    /// user's properties set it).
+    pub dlq_timeout: Duration,
 }
 
 impl RunOptions {
@@ -77,6 +80,14 @@ impl RunOptions {
         }
         if let Some(limit) = &self.rate_limit {
             limit.validate("the app", self.shape().batch_size)?;
+        }
+        // librdkafka takes whole milliseconds up to i32::MAX, and must exceed the 5 ms linger.
+        if self.dlq_timeout < Duration::from_millis(10) || self.dlq_timeout.as_millis() > i32::MAX as u128 {
+            return Err(Error::Config(format!(
+                "dlq_timeout must be between 10 ms and {} days, got {:?}",
+                i32::MAX / 86_400_000,
+                self.dlq_timeout
+            )));
         }
         Ok(())
     }
@@ -141,7 +152,7 @@ impl<E: CallFailure + 'static> Engine<E> {
     {
         options.validate()?;
         let dead_letters = if options.lanes.iter().any(|l| matches!(l.retry.on_failure, OnFailure::DeadLetter(_))) {
-            Some(Arc::new(DeadLetters::new(&config.bootstrap, &config.kafka)?))
+            Some(Arc::new(DeadLetters::new(&config.bootstrap, &config.kafka, options.dlq_timeout)?))
         } else {
             None
         };
@@ -296,6 +307,7 @@ mod tests {
             shutdown_timeout: Duration::from_secs(10),
             revoke_timeout: Duration::from_secs(10),
             rate_limit: None,
+            dlq_timeout: Duration::from_secs(30),
         }
     }
 
@@ -436,10 +448,66 @@ mod tests {
     }
 
     #[test]
+    fn a_dead_letter_write_that_cannot_complete_shows_while_it_waits_then_ends_the_run_at_its_bound() {
+        let (_cluster, mut config) = seeded(&[20; 1]);
+        // The dead-letter topic does not exist and may not be created: the write waits.
+        config.kafka.push(("allow.auto.create.topics".into(), "false".into()));
+        let engine = Engine::default();
+        let mut dead_letters = lane("a", 10, 1);
+        dead_letters.retry = RetryPolicy {
+            retries: 0,
+            first_backoff: Duration::from_millis(10),
+            max_backoff: Duration::from_millis(10),
+            on_failure: OnFailure::DeadLetter("missing".into()),
+        };
+        let options =
+            RunOptions { idle_timeout: None, dlq_timeout: Duration::from_millis(1500), ..drain(vec![dead_letters]) };
+        let started = Instant::now();
+        let (outcome, pending) = std::thread::scope(|scope| {
+            let run = scope.spawn(|| engine.run(&config, &options, recorder(Seen::default(), Some(5), Duration::ZERO)));
+            let mut pending = None;
+            while !run.is_finished() {
+                let stats = engine.snapshot().map(|s| s.lanes[0].1.clone());
+                if let Some(stats) = stats.filter(|s| s.dead_letters_pending > 0) {
+                    pending = Some((stats.dead_letters_pending, stats.dead_letters_oldest, stats.in_flight));
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            (run.join().expect("run"), pending)
+        });
+        let took = started.elapsed();
+        let (count, oldest, in_flight) = pending.expect("the waiting write showed in the stats");
+        assert_eq!(count, 10, "the failed call's 10 messages wait");
+        assert!(oldest >= Duration::from_secs(1), "the oldest waited {oldest:?}");
+        assert_eq!(in_flight, 1, "the waiting write holds its call");
+        match outcome {
+            Err(RunError::Core(Error::DeadLetter(failure))) => {
+                assert_eq!((failure.plugin.as_str(), failure.topic.as_str()), ("a", "missing"));
+                assert_eq!(failure.what, "10 message(s) of t[0] offsets 0..=9");
+                assert!(failure.cause.contains("MessageTimedOut"), "{}", failure.cause);
+            }
+            other => panic!("expected the dead-letter failure, got {other:?}"),
+        }
+        assert!(took >= Duration::from_millis(1400) && took < Duration::from_secs(10), "ended after {took:?}");
+        assert_eq!(engine.snapshot().expect("stats").lanes[0].1.dead_letters_pending, 0);
+        // Nothing of the failed call was committed.
+        let again = Seen::default();
+        let rerun = RunOptions { dlq_timeout: Duration::from_secs(30), ..drain(vec![lane("a", 10, 1)]) };
+        engine.run(&config, &rerun, recorder(again.clone(), None, Duration::ZERO)).expect("rerun");
+        assert_eq!(again.lock().expect("seen")[&(0, 0)].first(), Some(&0));
+    }
+
+    #[test]
     fn bad_options_are_refused() {
         let mut options = drain(vec![lane("a", 10, 1), lane("b", 500, 1)]);
         options.lanes[0].max_queued = 100;
         assert!(matches!(options.validate(), Err(Error::Config(m)) if m.contains("largest batch_size (500)")));
         assert!(drain(vec![]).validate().is_err());
+        for bad in [Duration::ZERO, Duration::from_millis(9), Duration::from_secs(25 * 86_400)] {
+            let options = RunOptions { dlq_timeout: bad, ..drain(vec![lane("a", 10, 1)]) };
+            assert!(matches!(options.validate(), Err(Error::Config(m)) if m.contains("dlq_timeout")), "{bad:?}");
+        }
+        let options = RunOptions { dlq_timeout: Duration::from_millis(10), ..drain(vec![lane("a", 10, 1)]) };
+        options.validate().expect("10 ms is a valid dlq_timeout");
     }
 }

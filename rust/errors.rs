@@ -16,6 +16,8 @@ pub enum Error {
     Connect { bootstrap: String, waited_ms: u64, last_error: Option<String> },
     /// Produced messages were not acknowledged.
     Delivery { topic: String, failed: u64, sent: u64 },
+    /// A plugin's dead letters were not acknowledged (boxed: it is large and rare).
+    DeadLetter(Box<DeadLetterFailure>),
     /// A bug or a resource failure inside fastconsume (a thread that could not start or
     /// panicked).
     Internal(String),
@@ -24,6 +26,20 @@ pub enum Error {
 }
 
 pub type Result<T> = std::result::Result<T, Error>;
+
+/// Which dead letters were not written, and why.
+#[derive(Debug)]
+pub struct DeadLetterFailure {
+    pub plugin: String,
+    /// The dead-letter topic.
+    pub topic: String,
+    /// The messages, as `Batch::describe` names them: partition and offsets.
+    pub what: String,
+    pub failed: u64,
+    pub sent: u64,
+    /// librdkafka's error code and text, and what else is known (its last error, the bound).
+    pub cause: String,
+}
 
 impl Error {
     pub(crate) fn kafka(context: &'static str, source: KafkaError) -> Self {
@@ -49,6 +65,11 @@ impl fmt::Display for Error {
             Error::Delivery { topic, failed, sent } => {
                 write!(f, "{failed} of {sent} messages to {topic:?} were not delivered")
             }
+            Error::DeadLetter(d) => write!(
+                f,
+                "plugin {:?}: dead-letter write of {} to {:?} failed ({} of {} not delivered): {}",
+                d.plugin, d.what, d.topic, d.failed, d.sent, d.cause
+            ),
             Error::Kafka { context, source } => write!(f, "{context}: {source}"),
         }
     }

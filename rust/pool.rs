@@ -22,7 +22,7 @@ use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 
 use crate::batch::{Batch, Partition};
-use crate::dlq::{DeadLetterInfo, DeadLetters};
+use crate::dlq::{DeadLetterInfo, DeadLetters, LastError};
 use crate::errors::{Error, Result as CoreResult};
 use crate::lane::{Chunk, Lane, LaneOptions, OnFailure, Take};
 use crate::offsets::OffsetTracker;
@@ -84,6 +84,33 @@ enum Timer {
         lane: usize,
     },
     Commit,
+    /// A dead-letter write still waiting for its acknowledgement: warn, and look again later.
+    DeadLetterWait {
+        write: u64,
+    },
+}
+
+/// A waiting dead-letter write is warned about every `DEAD_LETTER_WARN_EVERY` (or a third of
+/// its bound, if sooner, so that warnings come before it fails); once it has waited
+/// `DEAD_LETTER_WARN_MAX`, every `DEAD_LETTER_WARN_MAX`, so a long bound does not flood the log.
+const DEAD_LETTER_WARN_EVERY: Duration = Duration::from_secs(5);
+const DEAD_LETTER_WARN_MAX: Duration = Duration::from_secs(60);
+
+/// A dead-letter write in flight: for the stats, and for the warnings while it waits.
+struct DeadLetterWrite {
+    lane: usize,
+    /// Messages written.
+    count: u64,
+    topic: String,
+    /// The messages: partition and offsets.
+    what: String,
+    started: Instant,
+    /// The bound librdkafka applies to it.
+    bound: Duration,
+    timer: Option<TimerKey>,
+    /// The wait before the next warning.
+    every: Duration,
+    last_error: Arc<LastError>,
 }
 
 /// A call in flight, for its deadline.
@@ -143,6 +170,9 @@ struct State<E> {
     /// High watermarks of revoked partitions, as last seen.
     high_watermarks: Vec<(Partition, i64)>,
     admitted: u64,
+    /// Dead-letter writes sent and not yet acknowledged or failed, by id.
+    dead_letter_writes: HashMap<u64, DeadLetterWrite>,
+    next_write: u64,
 }
 
 /// Shared by the source, the workers and the engine.
@@ -230,6 +260,8 @@ impl<E: CallFailure + 'static> Pool<E> {
                 committed: Vec::new(),
                 high_watermarks: Vec::new(),
                 admitted: 0,
+                dead_letter_writes: HashMap::new(),
+                next_write: 0,
             }),
             work: Condvar::new(),
             progress: Condvar::new(),
@@ -321,6 +353,11 @@ impl<E: CallFailure + 'static> Pool<E> {
                 Timer::Unthrottle { lane } => {
                     state.lanes[lane].unthrottle();
                     fired.ready |= state.lanes[lane].has_ready();
+                }
+                Timer::DeadLetterWait { write } => {
+                    if let Some(warning) = Self::dead_letter_waits(state, write, now) {
+                        fired.warnings.push(warning);
+                    }
                 }
                 Timer::Commit => {
                     state.commit_timer = None;
@@ -651,26 +688,90 @@ impl<E: CallFailure + 'static> Pool<E> {
         }
     }
 
+    /// Starts a dead-letter write. Until it is acknowledged or fails, it holds its call (the
+    /// lane's concurrency slot) and its messages' offsets; it shows in the stats, and a wheel
+    /// entry warns while it waits (one entry per write, none per message).
     fn send_dead_letters(&self, job: Box<DeadLetterJob>) {
         let Some(dead_letters) = &self.dead_letters else { return };
         let pool = self.this.clone();
         let DeadLetterJob { topic, indexes, info, task } = *job;
         let count = indexes.len() as u64;
         let batch = task.chunk.batch.clone();
+        // `failed` took the indexes from the chunk, so they are in the batch.
+        let what = batch.describe(indexes.len(), indexes.first().copied(), indexes.last().copied());
+        let started = Instant::now();
+        let bound = dead_letters.timeout();
+        // Never zero: a zero interval would refire at once, forever.
+        let every = DEAD_LETTER_WARN_EVERY.min(bound / 3).max(Duration::from_millis(100));
+        let mut state = self.lock();
+        let write = state.next_write;
+        state.next_write += 1;
+        let (key, wake) = Self::schedule(&mut state, started + every, Timer::DeadLetterWait { write });
+        let record = DeadLetterWrite {
+            lane: task.lane,
+            count,
+            topic: topic.clone(),
+            what,
+            started,
+            bound,
+            timer: Some(key),
+            every,
+            last_error: dead_letters.last_error(),
+        };
+        state.dead_letter_writes.insert(write, record);
+        drop(state);
+        if wake {
+            self.wake_driver();
+        }
         let done = Box::new(move |result: CoreResult<()>| {
             if let Some(pool) = pool.upgrade() {
-                pool.dead_lettered(task, count, result);
+                pool.dead_lettered(write, task, count, result);
             }
         });
         dead_letters.send(&topic, &batch, &indexes, &info, done);
     }
 
+    /// The warning for a dead-letter write still waiting at `now`, if it is; schedules the
+    /// next look.
+    fn dead_letter_waits(state: &mut State<E>, write: u64, now: Instant) -> Option<String> {
+        let record = state.dead_letter_writes.get_mut(&write)?;
+        record.timer = None;
+        let waited = now.saturating_duration_since(record.started);
+        let last = record.last_error.since(record.started).map_or_else(
+            || "; librdkafka has reported no error since it began".to_string(),
+            |e| format!("; librdkafka's last error: {e}"),
+        );
+        let warning = format!(
+            "plugin {:?}: the dead-letter write of {} to {:?} has waited {:.1} s for the broker's \
+             acknowledgement (it fails after {:.1} s, dlq_timeout); until then the call holds its \
+             concurrency slot and the offsets stay uncommitted{last}",
+            state.lanes[record.lane].options.name,
+            record.what,
+            record.topic,
+            waited.as_secs_f64(),
+            record.bound.as_secs_f64(),
+        );
+        if waited >= DEAD_LETTER_WARN_MAX {
+            record.every = DEAD_LETTER_WARN_MAX;
+        }
+        let next = now + record.every;
+        // `fire` recomputes the driver's wake-up after its entries, so no wake is needed.
+        let (key, _) = Self::schedule(state, next, Timer::DeadLetterWait { write });
+        if let Some(record) = state.dead_letter_writes.get_mut(&write) {
+            record.timer = Some(key);
+        }
+        Some(warning)
+    }
+
     /// A dead-letter write finished: acknowledged, the messages count as done; failed, the
     /// batch is never stored and the run ends with the error.
-    fn dead_lettered(&self, task: Task, count: u64, result: CoreResult<()>) {
+    fn dead_lettered(&self, write: u64, task: Task, count: u64, result: CoreResult<()>) {
         let consumer = self.consumer();
         let mut guard = self.lock();
         let state = &mut *guard;
+        if let Some(key) = state.dead_letter_writes.remove(&write).and_then(|record| record.timer) {
+            state.timers.cancel(key);
+        }
         let mut wake = false;
         match result {
             Ok(()) => {
@@ -771,8 +872,16 @@ impl<E: CallFailure + 'static> Pool<E> {
             })
             .collect();
         partitions.sort_by(|a, b| a.partition.cmp(&b.partition));
+        let mut lanes: Vec<(String, LaneStats, LaneOptions)> =
+            state.lanes.iter().map(|l| (l.options.name.clone(), l.stats.clone(), l.options.clone())).collect();
+        let now = Instant::now();
+        for record in state.dead_letter_writes.values() {
+            let counts = &mut lanes[record.lane].1;
+            counts.dead_letters_pending += record.count;
+            counts.dead_letters_oldest = counts.dead_letters_oldest.max(now.saturating_duration_since(record.started));
+        }
         Snapshot {
-            lanes: state.lanes.iter().map(|l| (l.options.name.clone(), l.stats.clone(), l.options.clone())).collect(),
+            lanes,
             partitions,
             admitted: state.admitted,
             timers: state.timers.len(),

@@ -81,6 +81,10 @@ pub struct LaneStats {
     pub retry_wait: std::time::Duration,
     /// Messages written to the dead-letter topic and acknowledged.
     pub dead_lettered: u64,
+    /// Messages whose dead-letter write awaits the broker's acknowledgement, and how long the
+    /// oldest such write has waited (zero if none); filled in by `Pool::snapshot`.
+    pub dead_letters_pending: u64,
+    pub dead_letters_oldest: std::time::Duration,
     /// Sync calls that ran past their deadline (their results still count).
     pub overruns: u64,
     /// Async calls cancelled at their deadline.

@@ -53,6 +53,10 @@ DEFAULT_REVOKE_TIMEOUT = 30.0
 """Seconds a rebalance waits for running calls on revoked partitions before committing."""
 DEFAULT_PROGRESS_INTERVAL = 30.0
 """Seconds between two progress lines a run logs at INFO."""
+DEFAULT_DLQ_TIMEOUT = 30.0
+"""Seconds one dead-letter write may wait for the broker's acknowledgement before it fails."""
+MAX_DLQ_TIMEOUT = 24 * 86_400.0
+"""librdkafka's ``message.timeout.ms`` is at most 2**31 - 1 ms, a little over 24 days."""
 
 
 class App:
@@ -100,6 +104,12 @@ class App:
             variables over these arguments, as ``fastconsume run`` does (see
             ``docs/configuration.md``). Pass ``False`` for an app whose settings only the code
             decides, such as one in a test.
+        dlq_timeout: How long one dead-letter write may wait for the broker's acknowledgement
+            (librdkafka's ``message.timeout.ms`` of the dead-letter producer, unless ``kafka``
+            sets it or ``delivery.timeout.ms``). While it waits, the failed call keeps its
+            concurrency slot and its messages stay uncommitted; a warning is logged every
+            5 s (or every third of ``dlq_timeout``, if shorter). Past it, the run ends with
+            :class:`~fastconsume.errors.KafkaError` naming the cause.
     """
 
     def __init__(
@@ -114,6 +124,7 @@ class App:
         workers: int | None = None,
         shutdown_timeout: Duration = DEFAULT_SHUTDOWN_TIMEOUT,
         revoke_timeout: Duration = DEFAULT_REVOKE_TIMEOUT,
+        dlq_timeout: Duration = DEFAULT_DLQ_TIMEOUT,
         progress_interval: Duration = DEFAULT_PROGRESS_INTERVAL,
         read_config: bool = True,
     ) -> None:
@@ -133,6 +144,7 @@ class App:
             "shutdown_timeout": shutdown_timeout,
             "revoke_timeout": revoke_timeout,
             "progress_interval": progress_interval,
+            "dlq_timeout": dlq_timeout,
         }
         self._core = _core.Consumer(**self.connection())
         if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
@@ -144,6 +156,9 @@ class App:
         self._progress_interval = seconds(progress_interval, "progress_interval")
         if self._progress_interval <= 0:
             raise ConfigError(f"progress_interval must be positive, got {progress_interval!r}")
+        self._dlq_timeout = seconds(dlq_timeout, "dlq_timeout")
+        if not 0.01 <= self._dlq_timeout <= MAX_DLQ_TIMEOUT:
+            raise ConfigError(f"dlq_timeout must be between 10 ms and 24 days, got {dlq_timeout!r}")
         self._plugins: list[Plugin] = []
         self._read_config = read_config
         self._configured = False
@@ -433,6 +448,7 @@ class App:
                     idle_timeout=idle,
                     rate_limit=rate_limit,
                     event_loop=event_loop,
+                    dlq_timeout=self._dlq_timeout,
                 )
 
             if threading.current_thread() is threading.main_thread():

@@ -30,6 +30,7 @@ from typing import NoReturn, cast, get_args
 
 from ._app import (
     DEFAULT_CONNECT_TIMEOUT,
+    DEFAULT_DLQ_TIMEOUT,
     DEFAULT_PROGRESS_INTERVAL,
     DEFAULT_REVOKE_TIMEOUT,
     DEFAULT_SHUTDOWN_TIMEOUT,
@@ -136,7 +137,7 @@ class Config:
     """``MODULE:ATTR`` or ``path/to/file.py:ATTR`` of an App whose plugins run."""
     settings: dict[str, object]
     """``App(...)`` keyword arguments given: bootstrap, group, topics, kafka, rate_limit,
-    workers, connect_timeout, shutdown_timeout, revoke_timeout."""
+    workers, connect_timeout, shutdown_timeout, revoke_timeout, dlq_timeout."""
     processes: int
     plugins: dict[str, dict[str, object]]
     """Plugin name -> ``App.plugin(...)`` options given (plus ``entry_point`` if given)."""
@@ -440,6 +441,14 @@ TOP_LEVEL_KEYS: tuple[Key, ...] = (
         DURATION,
         _toml(DEFAULT_PROGRESS_INTERVAL),
         "How often a run logs a progress line (messages/s, lag, each plugin's p99 latency and errors) at INFO.",
+    ),
+    Key(
+        "dlq_timeout",
+        DURATION,
+        _toml(DEFAULT_DLQ_TIMEOUT),
+        "How long one dead-letter write may wait for the broker's acknowledgement (the dead-letter "
+        "producer's `message.timeout.ms`, unless `kafka` sets it); then the run fails with the cause and "
+        "the messages stay uncommitted.",
     ),
     Key(
         "plugins",

@@ -70,7 +70,7 @@ impl PyConsumer {
     /// Consumes until `stop()`, a plugin failure, or in drain mode until idle.
     #[pyo3(signature = (
         plugins, *, linger, workers, shutdown_timeout, revoke_timeout, idle_timeout=None, rate_limit=None,
-        event_loop=None,
+        event_loop=None, dlq_timeout=30.0,
     ))]
     #[allow(clippy::too_many_arguments)] // each is a keyword argument of the Python method
     fn run(
@@ -84,6 +84,7 @@ impl PyConsumer {
         idle_timeout: Option<f64>,
         rate_limit: Option<RateLimitSpec>,
         event_loop: Option<Py<PyAny>>,
+        dlq_timeout: f64,
     ) -> PyResult<()> {
         if self.running.swap(true, Ordering::AcqRel) {
             return Err(PyRuntimeError::new_err("this app is already running"));
@@ -98,6 +99,7 @@ impl PyConsumer {
             revoke_timeout: duration(py, revoke_timeout, "revoke_timeout")?,
             rate_limit: rate_limit
                 .map(|r| r.with_default_burst(plugins.iter().map(|p| p.batch_size).max().unwrap_or(1))),
+            dlq_timeout: duration(py, dlq_timeout, "dlq_timeout")?,
         };
         let plugins = Arc::new(Plugins::new(py, &plugins, event_loop));
         let outcome = py.detach(|| self.engine.run(&self.config, &options, move |pool| plugins.serve(pool)));
@@ -139,6 +141,8 @@ impl PyConsumer {
             d.set_item("retries", lane.retries)?;
             d.set_item("retry_wait", lane.retry_wait.as_secs_f64())?;
             d.set_item("dead_lettered", lane.dead_lettered)?;
+            d.set_item("dead_letters_pending", lane.dead_letters_pending)?;
+            d.set_item("dead_letters_oldest", lane.dead_letters_oldest.as_secs_f64())?;
             d.set_item("overruns", lane.overruns)?;
             d.set_item("timeouts", lane.timeouts)?;
             d.set_item("throttled", lane.throttled)?;

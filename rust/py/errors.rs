@@ -22,7 +22,7 @@ pub fn to_pyerr(py: Python<'_>, error: &Error) -> PyErr {
     let name = match error {
         Error::Config(_) | Error::Property { .. } => "ConfigError",
         Error::Connect { .. } => "KafkaConnectionError",
-        Error::Kafka { .. } | Error::Delivery { .. } => "KafkaError",
+        Error::Kafka { .. } | Error::Delivery { .. } | Error::DeadLetter(_) => "KafkaError",
         Error::Internal(_) => "FastconsumeError",
     };
     exception(py, name, error.to_string())
