@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import atexit
 import inspect
 import logging
+import os
 import signal
+import sys
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
@@ -338,6 +341,11 @@ class App:
         linger = min(p.linger for p in self._plugins)
         rate_limit = self._rate_limit
         with ExitStack() as stack:
+            stack.enter_context(_exit_code_if_left_running())
+            # Signals are ours from before setup() to after teardown(): a second one there
+            # interrupts too, rather than killing the process with the signal's default.
+            if threading.current_thread() is threading.main_thread():
+                stack.enter_context(_signals_call(self.stop))
             # The event loop lives as long as the run, started only if a plugin is async.
             event_loop = stack.enter_context(AsyncLoop()) if any(p.is_async for p in self._plugins) else None
             stack.enter_context(_plugins_set_up(self._plugins, event_loop))
@@ -355,8 +363,7 @@ class App:
                 )
 
             if threading.current_thread() is threading.main_thread():
-                with _signals_call(self.stop):
-                    _run_interruptibly(run)
+                _run_interruptibly(run)
             else:
                 run()
 
@@ -494,23 +501,109 @@ def _property_value(value: object) -> str:
     return str(value)
 
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+INTERRUPTED = 130
+"""The exit code after a second signal (the shell's code for a SIGINT exit)."""
+
+
 @contextmanager
 def _signals_call(stop: Callable[[], None]) -> Iterator[None]:
-    """Routes SIGINT and SIGTERM to ``stop`` for the duration; a second one interrupts."""
-    received: list[int] = []
+    """Routes SIGINT and SIGTERM to ``stop`` for the duration; a second one interrupts
+    (``KeyboardInterrupt``), and one after the duration, once a first came, ends the process
+    at once with exit code 130.
+
+    Deliveries are counted from Python's wakeup fd, which gets one byte per delivery: Python
+    runs a handler once for however many of its signal came before the main thread got to it
+    (it may wait for the GIL behind busy plugins), so two quick SIGTERMs would otherwise count
+    as one."""
+    read_fd, write_fd = os.pipe()
+    os.set_blocking(read_fd, False)
+    os.set_blocking(write_fd, False)
+    received = 0
+    interrupted = False
 
     def handle(signum: int, frame: FrameType | None) -> None:
-        received.append(signum)
-        if len(received) > 1:
+        nonlocal received, interrupted
+        if interrupted:
+            return  # the other signal's handler, after this one raised: one interrupt is enough
+        received += max(_delivered(read_fd), 1)
+        if received > 1:
+            interrupted = True
             raise KeyboardInterrupt(f"second signal {signal.Signals(signum).name}: stopping at once")
         stop()
 
-    previous = {s: signal.signal(s, handle) for s in (signal.SIGINT, signal.SIGTERM)}
+    previous_fd = signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
+    previous = {s: signal.signal(s, handle) for s in STOP_SIGNALS}
     try:
         yield
     finally:
         for s, handler in previous.items():
-            signal.signal(s, handler)
+            # None: set outside Python and not restorable; the default beats our handler.
+            signal.signal(s, signal.SIG_DFL if handler is None else handler)
+        signal.set_wakeup_fd(previous_fd)
+        os.close(read_fd)
+        os.close(write_fd)
+        # A first signal stopped this run: whatever comes after (plugin teardown, the
+        # interpreter's exit) is still "stopping", so a second signal exits 130 at once, even
+        # where Python can no longer run a handler. Handlers the application set stay.
+        defaults = [s for s, h in previous.items() if h in (None, signal.SIG_DFL, signal.default_int_handler)]
+        if received and not interrupted and defaults:
+            _core._exit_at_once_on(defaults, INTERRUPTED)
+
+
+def _delivered(read_fd: int) -> int:
+    """How many SIGINT and SIGTERM deliveries the wakeup fd holds (it is emptied)."""
+    count = 0
+    while True:
+        try:
+            chunk = os.read(read_fd, 512)
+        except BlockingIOError:
+            return count
+        if not chunk:
+            return count
+        count += sum(1 for b in chunk if b in STOP_SIGNALS)
+
+
+_exit_code_after_exit: int | None = None
+"""The exit code for ``os._exit`` should the interpreter end while plugin calls still run."""
+
+
+@contextmanager
+def _exit_code_if_left_running() -> Iterator[None]:
+    """Notes how the process should end if it ends while this run's plugin calls still run
+    (after a second signal, or calls left past ``shutdown_timeout``): 130 for a
+    ``KeyboardInterrupt``, 1 for another exception, else 0, as ``fastconsume run`` exits."""
+    global _exit_code_after_exit  # noqa: PLW0603 -- one process, one interpreter exit
+    try:
+        yield
+    except KeyboardInterrupt:
+        _exit_code_after_exit = INTERRUPTED
+        raise
+    except BaseException:
+        _exit_code_after_exit = 1
+        raise
+    _exit_code_after_exit = 0
+
+
+@atexit.register
+def _close_interpreter() -> None:
+    """Run by ``atexit``, before the interpreter finalizes: from now on no native thread
+    attaches to it (they park; attaching during finalization aborts the process on CPython
+    before 3.13). A worker still inside a plugin call would re-take the GIL inside CPython,
+    beyond our reach, so then the process leaves with ``os._exit`` (logs and output
+    flushed): a run stopped at once has nothing left to do but end."""
+    busy = _core._close_interpreter_gate()
+    if not busy:
+        return
+    code = 0 if _exit_code_after_exit is None else _exit_code_after_exit
+    log.warning("exiting with %d plugin call(s) still running; their results are not committed", busy)
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # closed or broken: nothing more to save
+            pass
+    os._exit(code)
 
 
 def _run_interruptibly(run: Callable[[], None]) -> None:

@@ -184,3 +184,10 @@ def inspect(
     watermarks, committed offsets, lag and owners, without joining the group. A topic's
     problems (unknown topic, unreadable watermarks) are in its ``"error"``; ``low``/``high``
     are -1 when unknown."""
+
+def _close_interpreter_gate() -> int:
+    """Stops native threads from attaching to the interpreter from now on (run by an
+    ``atexit`` hook); returns how many worker threads are still inside a plugin call."""
+
+def _exit_at_once_on(signals: Sequence[int], code: int) -> None:
+    """Makes each of ``signals`` end the process at once with ``code`` (native handler)."""

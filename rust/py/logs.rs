@@ -6,7 +6,8 @@
 //! A record is handed to one thread that attaches the GIL to emit it, never emitted by the
 //! thread that logs: that one may hold a lock (the pool's, or one inside librdkafka) that a
 //! thread holding the GIL is waiting for. Handing off never blocks; if Python falls 1,024
-//! records behind, the excess is counted and reported once it catches up.
+//! records behind, the excess is counted and reported once it catches up. Once the
+//! interpreter is closing (an `atexit` hook), the bridge stops and later records are dropped.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
@@ -14,6 +15,8 @@ use std::sync::OnceLock;
 
 use log::{Level, LevelFilter, Log, Metadata, Record};
 use pyo3::prelude::*;
+
+use super::lifecycle::Gate;
 
 const BACKLOG: usize = 1024;
 
@@ -58,8 +61,11 @@ static LOGGER: OnceLock<PythonLog> = OnceLock::new();
 fn emit(lines: &Receiver<Line>) {
     while let Ok(line) = lines.recv() {
         let dropped = LOGGER.get().map_or(0, |l| l.dropped.swap(0, Ordering::Relaxed));
-        // Not at all once the interpreter shuts down: librdkafka's threads may outlive it.
+        // Not at all once the interpreter shuts down: librdkafka's threads may outlive it, and
+        // attaching during finalization would abort the process (see `lifecycle`).
+        let Some(gate) = Gate::enter() else { return };
         let attached = Python::try_attach(|py| {
+            drop(gate);
             let logged = py.import("logging").and_then(|logging| {
                 if dropped > 0 {
                     let logger = logging.call_method1("getLogger", ("fastconsume",))?;
