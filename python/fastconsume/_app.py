@@ -11,7 +11,7 @@ import signal
 import sys
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, contextmanager, suppress
 from types import FrameType
 from typing import TYPE_CHECKING, Any, TypeVar, cast, overload
 
@@ -599,10 +599,8 @@ def _close_interpreter() -> None:
     log.warning("exiting with %d plugin call(s) still running; their results are not committed", busy)
     logging.shutdown()
     for stream in (sys.stdout, sys.stderr):
-        try:
+        with suppress(OSError, ValueError):  # closed or broken: nothing more to save
             stream.flush()
-        except (OSError, ValueError):  # closed or broken: nothing more to save
-            pass
     os._exit(code)
 
 
