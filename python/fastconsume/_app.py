@@ -506,37 +506,66 @@ INTERRUPTED = 130
 """The exit code after a second signal (the shell's code for a SIGINT exit)."""
 
 
+class _SignalRoute:
+    """SIGINT and SIGTERM while a :func:`_signals_call` is active: deliveries counted, and the
+    innermost ``stop`` to call on the first."""
+
+    def __init__(self, read_fd: int) -> None:
+        self.read_fd = read_fd
+        self.received = 0
+        self.interrupted = False
+        self.stops: list[Callable[[], None]] = []
+
+    def handle(self, signum: int, frame: FrameType | None) -> None:
+        if self.interrupted:
+            return  # the other signal's handler, after this one raised: one interrupt is enough
+        self.received += max(_delivered(self.read_fd), 1)
+        if self.received > 1:
+            self.interrupted = True
+            raise KeyboardInterrupt(f"second signal {signal.Signals(signum).name}: stopping at once")
+        self.stops[-1]()
+
+
+_route: _SignalRoute | None = None
+
+
 @contextmanager
 def _signals_call(stop: Callable[[], None]) -> Iterator[None]:
     """Routes SIGINT and SIGTERM to ``stop`` for the duration; a second one interrupts
     (``KeyboardInterrupt``), and one after the duration, once a first came, ends the process
     at once with exit code 130.
 
+    Nested (``fastconsume run`` holds the signals from its start, ``App.run`` inside it), the
+    inner ``stop`` is the one called, the count goes on, and a signal that came before the
+    inner one began calls its ``stop`` at once.
+
     Deliveries are counted from Python's wakeup fd, which gets one byte per delivery: Python
     runs a handler once for however many of its signal came before the main thread got to it
     (it may wait for the GIL behind busy plugins), so two quick SIGTERMs would otherwise count
     as one."""
+    global _route  # noqa: PLW0603 -- signal handlers are process-wide
+    if _route is not None:
+        route = _route
+        route.stops.append(stop)
+        try:
+            if route.received:
+                stop()
+            yield
+        finally:
+            route.stops.pop()
+        return
     read_fd, write_fd = os.pipe()
     os.set_blocking(read_fd, False)
     os.set_blocking(write_fd, False)
-    received = 0
-    interrupted = False
-
-    def handle(signum: int, frame: FrameType | None) -> None:
-        nonlocal received, interrupted
-        if interrupted:
-            return  # the other signal's handler, after this one raised: one interrupt is enough
-        received += max(_delivered(read_fd), 1)
-        if received > 1:
-            interrupted = True
-            raise KeyboardInterrupt(f"second signal {signal.Signals(signum).name}: stopping at once")
-        stop()
-
+    route = _SignalRoute(read_fd)
+    route.stops.append(stop)
     previous_fd = signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
-    previous = {s: signal.signal(s, handle) for s in STOP_SIGNALS}
+    previous = {s: signal.signal(s, route.handle) for s in STOP_SIGNALS}
+    _route = route
     try:
         yield
     finally:
+        _route = None
         for s, handler in previous.items():
             # None: set outside Python and not restorable; the default beats our handler.
             signal.signal(s, signal.SIG_DFL if handler is None else handler)
@@ -547,7 +576,7 @@ def _signals_call(stop: Callable[[], None]) -> Iterator[None]:
         # interpreter's exit) is still "stopping", so a second signal exits 130 at once, even
         # where Python can no longer run a handler. Handlers the application set stay.
         defaults = [s for s, h in previous.items() if h in (None, signal.SIG_DFL, signal.default_int_handler)]
-        if received and not interrupted and defaults:
+        if route.received and not route.interrupted and defaults:
             _core._exit_at_once_on(defaults, INTERRUPTED)
 
 

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from types import FrameType
 
 from . import __version__, _core
-from ._app import App
+from ._app import App, _signals_call
 from ._config import Config, load_config
 from ._demo import DEFAULT_PARTITIONS, print_report, run_demo
 from ._loading import installed_plugins
@@ -94,6 +94,15 @@ def _run(args: argparse.Namespace, config: Config) -> int:
     if processes < 1:
         print(f"fastconsume: --processes must be at least 1, got {processes}", file=sys.stderr)
         return USAGE_ERROR
+    if processes > 1 and not args.worker:
+        return _run_supervised(args, config, processes)
+    # The signals are the run's from the start: one while the app loads stops the run before
+    # it fetches anything (exit 0), a second one exits 130, never the signal's own death.
+    with _signals_call(lambda: None):
+        return _run_one(args, config)
+
+
+def _run_one(args: argparse.Namespace, config: Config) -> int:
     if args.worker:
         _stop_with_supervisor()
         try:
@@ -102,22 +111,27 @@ def _run(args: argparse.Namespace, config: Config) -> int:
             if not isinstance(error, PluginError):  # main() prints this line; the supervisor may relay it
                 report_error(f"fastconsume: {error}")
             raise
-    app = App.from_config(config)  # every mistake surfaces here, before any worker starts
+    app = App.from_config(config)
     app.validate(idle_timeout=args.idle_timeout)
     configure_logging()
-    if processes > 1 and not args.worker:
-        command = [sys.executable, "-m", "fastconsume", "run", "--worker"]
-        if args.target:
-            command.append(args.target)
-        if args.config:
-            command += ["--config", args.config]
-        if args.idle_timeout is not None:
-            command += ["--idle-timeout", str(args.idle_timeout)]
-        # Workers get their own shutdown_timeout to finish, and some to commit and leave.
-        return supervise(command, processes, stop_timeout=app.shutdown_timeout + STOP_MARGIN)
     with progress_line(app):
         app.run(idle_timeout=args.idle_timeout)
     return 0
+
+
+def _run_supervised(args: argparse.Namespace, config: Config, processes: int) -> int:
+    app = App.from_config(config)  # every mistake surfaces here, before any worker starts
+    app.validate(idle_timeout=args.idle_timeout)
+    configure_logging()
+    command = [sys.executable, "-m", "fastconsume", "run", "--worker"]
+    if args.target:
+        command.append(args.target)
+    if args.config:
+        command += ["--config", args.config]
+    if args.idle_timeout is not None:
+        command += ["--idle-timeout", str(args.idle_timeout)]
+    # Workers get their own shutdown_timeout to finish, and some to commit and leave.
+    return supervise(command, processes, stop_timeout=app.shutdown_timeout + STOP_MARGIN)
 
 
 def _run_worker(args: argparse.Namespace, config: Config) -> int:
