@@ -330,7 +330,10 @@ class _Supervisor:
     def _stopped_code(self) -> int:
         """The exit code once every worker has stopped."""
         if self.gave_up is not None:
-            return self.gave_up[0]
+            code, error = self.gave_up
+            if error:
+                print(error, file=sys.stderr, flush=True)  # the line the worker ended with, last
+            return code
         return 0 if all(s.last_exit == 0 for s in self.slots) else 1
 
     def _kill_late(self) -> None:
@@ -429,10 +432,6 @@ class _Supervisor:
             slot.restart_at = None
         for slot in live:
             slot.signal(signal.SIGTERM)
-        assert self.gave_up is not None
-        error = self.gave_up[1]
-        if error:
-            print(error, file=sys.stderr, flush=True)  # the line the worker ended with, last
 
     def _next_delay(self, slot: _Slot, *, uptime: float) -> float:
         if uptime >= self.backoff[1]:
