@@ -3,7 +3,17 @@
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Protocol, TypedDict, final
 
-__all__ = ["Batch", "Consumer", "Message", "MockCluster", "__version__", "inspect", "produce"]
+__all__ = [
+    "Batch",
+    "Consumer",
+    "Message",
+    "MockCluster",
+    "__version__",
+    "_close_interpreter_gate",
+    "_exit_at_once_on",
+    "inspect",
+    "produce",
+]
 __version__: str
 
 @final

@@ -101,7 +101,8 @@ impl PyConsumer {
                 .map(|r| r.with_default_burst(plugins.iter().map(|p| p.batch_size).max().unwrap_or(1))),
         };
         let plugins = Arc::new(Plugins::new(py, &plugins, event_loop));
-        let outcome = lifecycle::detach(py, || self.engine.run(&self.config, &options, move |pool| plugins.serve(pool)));
+        let outcome =
+            lifecycle::detach(py, || self.engine.run(&self.config, &options, move |pool| plugins.serve(pool)));
         match outcome {
             Ok(()) => Ok(()),
             Err(RunError::Core(error)) => Err(to_pyerr(py, &error)),

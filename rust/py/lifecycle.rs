@@ -1,6 +1,6 @@
 //! The interpreter's end, and signals once a run is over.
 //!
-//! On CPython before 3.13 a thread that takes the GIL while the interpreter finalizes is ended
+//! On Python before 3.13 a thread that takes the GIL while the interpreter finalizes is ended
 //! with `pthread_exit`. On a thread with Rust frames that forced unwind reaches a
 //! `catch_unwind` (the thread's start, a pyo3 trampoline) and glibc aborts the process
 //! ("FATAL: exception not rethrown"). So no Rust thread may attach once finalization begins:
@@ -9,7 +9,7 @@
 //!   [`close`] (run by an `atexit` hook, before finalization) such a thread parks for good
 //!   instead, or gives up attaching (the log bridge);
 //! - [`close`] reports the worker threads still inside a plugin call: those re-take the GIL
-//!   inside CPython (after a `time.sleep`, an I/O wait), beyond any gate, so the caller must
+//!   inside the interpreter (after a `time.sleep`, an I/O wait), beyond any gate, so the caller must
 //!   then leave with `os._exit` rather than finalize.
 
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicUsize, Ordering};
