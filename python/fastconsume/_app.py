@@ -7,6 +7,7 @@ import atexit
 import inspect
 import logging
 import os
+import select
 import signal
 import sys
 import threading
@@ -513,13 +514,16 @@ class _SignalRoute:
     def __init__(self, read_fd: int) -> None:
         self.read_fd = read_fd
         self.received = 0
+        self.unclaimed = 0  # deliveries taken from the wakeup fd before their handler ran
         self.interrupted = False
         self.stops: list[Callable[[], None]] = []
 
     def handle(self, signum: int, frame: FrameType | None) -> None:
         if self.interrupted:
             return  # the other signal's handler, after this one raised: one interrupt is enough
-        self.received += max(_delivered(self.read_fd), 1)
+        delivered = _delivered(self.read_fd) + self.unclaimed
+        self.unclaimed = 0
+        self.received += max(delivered, 1)
         if self.received > 1:
             self.interrupted = True
             raise KeyboardInterrupt(f"second signal {signal.Signals(signum).name}: stopping at once")
@@ -603,6 +607,7 @@ def _exit_code_if_left_running() -> Iterator[None]:
     (after a second signal, or calls left past ``shutdown_timeout``): 130 for a
     ``KeyboardInterrupt``, 1 for another exception, else 0, as ``fastconsume run`` exits."""
     global _exit_code_after_exit  # noqa: PLW0603 -- one process, one interpreter exit
+    _exit_code_after_exit = None  # while it runs: the program decides
     try:
         yield
     except KeyboardInterrupt:
@@ -619,34 +624,62 @@ def _close_interpreter() -> None:
     """Run by ``atexit``, before the interpreter finalizes: from now on no native thread
     attaches to it (they park; attaching during finalization aborts the process on CPython
     before 3.13). A worker still inside a plugin call would re-take the GIL inside CPython,
-    beyond our reach, so then the process leaves with ``os._exit`` (logs and output
-    flushed): a run stopped at once has nothing left to do but end."""
-    busy = _core._close_interpreter_gate()
-    if not busy:
-        return
-    code = 0 if _exit_code_after_exit is None else _exit_code_after_exit
-    log.warning("exiting with %d plugin call(s) still running; their results are not committed", busy)
+    beyond our reach, and a run still stopping (after a second signal) would close its
+    consumer while the process tears down: then the process leaves with ``os._exit`` (logs
+    and output flushed), with the code :func:`_exit_code_if_left_running` noted."""
+    calls, runs = _core._close_interpreter_gate()
+    code = _exit_code_after_exit
+    if not calls and not (runs and code is not None):
+        return  # nothing can attach any more; a run on another thread of a program ending stays parked
+    if calls:
+        log.warning("exiting with %d plugin call(s) still running; their results are not committed", calls)
     logging.shutdown()
     for stream in (sys.stdout, sys.stderr):
         with suppress(OSError, ValueError):  # closed or broken: nothing more to save
             stream.flush()
-    os._exit(code)
+    os._exit(0 if code is None else code)
 
 
 def _run_interruptibly(run: Callable[[], None]) -> None:
-    """Runs on a helper thread while the main thread waits in ``join``, which Python
-    interrupts to run signal handlers. The run's exception is re-raised here."""
+    """Runs on a helper thread while the main thread sleeps in ``poll`` on the signals'
+    wakeup fd and on a pipe the helper writes when done; the run's exception is re-raised
+    here.
+
+    Not in ``join``: Python runs its signal handlers on the main thread only, and a lock wait
+    there is cut short only by a signal the kernel delivered to that very thread. One that
+    lands on another thread (the main thread had a signal pending, or was on a CPU) would
+    leave the handlers waiting until the run ends, which it then never does. The wakeup fd
+    gets a byte whichever thread the signal hit."""
     failure: list[BaseException] = []
+    done_read, done_write = os.pipe()
 
     def target() -> None:
         try:
             run()
         except BaseException as error:  # re-raised on the calling thread below
             failure.append(error)
+        finally:
+            with suppress(OSError):  # the main thread left already (a second signal)
+                os.write(done_write, b"\0")
+            os.close(done_write)
 
+    poller = select.poll()
+    poller.register(done_read, select.POLLIN)
+    route = _route
+    if route is not None:
+        poller.register(route.read_fd, select.POLLIN)
     # Daemon, so a second signal can end the process without waiting for the run.
     thread = threading.Thread(target=target, name="fastconsume-run", daemon=True)
-    thread.start()
+    try:
+        thread.start()
+        while True:
+            ready = {fd for fd, _ in poller.poll()}  # handlers run here, or just after
+            if done_read in ready:
+                break
+            if route is not None:
+                route.unclaimed += _delivered(route.read_fd)  # for the handler about to run
+    finally:
+        os.close(done_read)
     thread.join()
     if failure:
         raise failure[0]

@@ -195,9 +195,10 @@ def inspect(
     problems (unknown topic, unreadable watermarks) are in its ``"error"``; ``low``/``high``
     are -1 when unknown."""
 
-def _close_interpreter_gate() -> int:
+def _close_interpreter_gate() -> tuple[int, int]:
     """Stops native threads from attaching to the interpreter from now on (run by an
-    ``atexit`` hook); returns how many worker threads are still inside a plugin call."""
+    ``atexit`` hook); returns how many worker threads are still inside a plugin call, and
+    how many runs have not returned."""
 
 def _exit_at_once_on(signals: Sequence[int], code: int) -> None:
     """Makes each of ``signals`` end the process at once with ``code`` (native handler)."""

@@ -90,6 +90,7 @@ impl PyConsumer {
             return Err(PyRuntimeError::new_err("this app is already running"));
         }
         let _running = RunningGuard(&self.running);
+        let _counted = lifecycle::Running::start();
         let options = RunOptions {
             lanes: plugins.iter().map(|p| lane_options(py, p)).collect::<PyResult<_>>()?,
             linger: duration(py, linger, "linger")?,

@@ -18,12 +18,33 @@ use std::time::Duration;
 use pyo3::prelude::*;
 use pyo3::types::PyModule;
 
+/// How long the interpreter's exit waits for the log bridge to emit what it was handed.
+const LOG_FLUSH: Duration = Duration::from_secs(1);
+
 /// Set once by [`close`]; never cleared (the interpreter does not come back).
 static CLOSED: AtomicBool = AtomicBool::new(false);
 /// Threads between their check of `CLOSED` and the end of their attach.
 static ATTACHING: AtomicUsize = AtomicUsize::new(0);
 /// Worker threads attached: in a plugin call, or about to start one.
 static IN_CALL: AtomicUsize = AtomicUsize::new(0);
+/// `Consumer.run` calls not returned yet.
+static RUNS: AtomicUsize = AtomicUsize::new(0);
+
+/// Counts a run as going on while it lives.
+pub(super) struct Running(());
+
+impl Running {
+    pub(super) fn start() -> Running {
+        RUNS.fetch_add(1, Ordering::SeqCst);
+        Running(())
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        RUNS.fetch_sub(1, Ordering::SeqCst);
+    }
+}
 
 /// A pass through the gate: while it lives, [`close`] waits. Taken just before attaching and
 /// dropped once attached. `CLOSED` and `ATTACHING` are both `SeqCst`, so either the thread
@@ -106,12 +127,15 @@ pub(super) fn worker_attach(f: impl FnOnce(Python<'_>)) {
     });
 }
 
-/// Closes the gate and returns how many worker threads are still in a plugin call. Called by
-/// the `atexit` hook of `fastconsume._app` with the GIL held; waits detached, so threads
-/// already past the gate can finish attaching.
+/// Closes the gate and returns how many worker threads are still in a plugin call and how
+/// many runs have not returned (one still stopping, after a second signal). Called by the
+/// `atexit` hook of `fastconsume._app` with the GIL held; waits detached, so threads already
+/// past the gate can finish attaching.
 #[pyfunction]
 #[pyo3(name = "_close_interpreter_gate")]
-fn close(py: Python<'_>) -> usize {
+fn close(py: Python<'_>) -> (usize, usize) {
+    // The last lines of a run (its revoke, its final commit) are still on their way.
+    py.detach(|| super::logs::flush(LOG_FLUSH));
     CLOSED.store(true, Ordering::SeqCst);
     py.detach(|| {
         // Threads past the gate only wait for the GIL, which this thread has released.
@@ -119,7 +143,7 @@ fn close(py: Python<'_>) -> usize {
             std::thread::sleep(Duration::from_micros(200));
         }
     });
-    IN_CALL.load(Ordering::SeqCst)
+    (IN_CALL.load(Ordering::SeqCst), RUNS.load(Ordering::SeqCst))
 }
 
 /// The exit code of [`exit_at_once`]'s handler.
