@@ -24,7 +24,7 @@ from test_processes import PLUGINS, AppProcess, RecordProperty, ledger_file, pro
 from kafka import RealCluster, committed, fill, new_group
 
 PARTITIONS, PER_PARTITION = 4, 6_000
-RUNS = 20
+RUNS = 28  # 7 per point; about a second each
 POINTS = ("start-up", "mid-call", "drain", "teardown")
 PAIRS = ((signal.SIGTERM, signal.SIGTERM), (signal.SIGINT, signal.SIGTERM))
 # Two deliveries of one signal closer than this may be merged by the kernel (a signal already
