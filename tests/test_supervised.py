@@ -116,3 +116,57 @@ def test_processes_share_the_group_survive_a_kill_and_stop_gracefully(
     assert committed(real_cluster.bootstrap, group, topic, PARTITIONS) == [PER_PARTITION] * PARTITIONS
     text = log.read_text()
     assert str(victim) in text, f"the restart is not logged\n{text}"
+
+
+# --- permanent start-up errors --------------------------------------------------------------
+
+FAILING_APP = """\
+import os
+
+import fastconsume as fc
+
+app = fc.App("127.0.0.1:1", "g", "t", connect_timeout="1s")
+
+
+@app.plugin
+def noop(batch: fc.Batch) -> None:
+    pass
+
+
+if os.environ.get("FASTCONSUME_WORKER_INDEX") is not None and os.environ.get("BREAK_WORKERS"):
+    # A mistake only the workers meet (the supervisor checks the app before starting them).
+    raise fc.ConfigError("no credentials for this worker")
+"""
+
+
+@pytest.mark.parametrize("case", ["unreachable", "config error"])
+def test_permanent_start_up_errors_end_the_supervisor_with_their_code_and_line(tmp_path: Path, case: str) -> None:
+    (tmp_path / "failing.py").write_text(FAILING_APP)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "FASTCONSUME_SHUTDOWN_TIMEOUT": "5"}
+    if case == "config error":
+        env["BREAK_WORKERS"] = "1"
+    args = [sys.executable, "-m", "fastconsume", "run", "failing.py:app", "--processes", "2"]
+    started = time.monotonic()
+    result = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120, check=False)
+    took = time.monotonic() - started
+    output = f"exit {result.returncode} after {took:.1f} s\n--- stderr:\n{result.stderr}"
+    print(output)
+
+    lines = result.stderr.strip().splitlines()
+    if case == "config error":
+        assert result.returncode == 2, output
+        assert lines[-1] == "fastconsume: no credentials for this worker", output
+    else:  # 2 before the connect branch's exit codes, 3 with them
+        assert result.returncode in (2, 3), output
+        assert lines[-1].startswith("fastconsume: "), output
+        assert "127.0.0.1:1" in lines[-1] or "Kafka" in lines[-1], output
+    assert "3 times in a row: giving up" in result.stderr, output
+    assert took < 60, output  # three start-ups of at most ~2 s, with backoff 0.5 s and 1 s
+    assert not any("fastconsume run --worker" in _cmdline(p) for p in Path("/proc").iterdir() if p.name.isdigit())
+
+
+def _cmdline(proc: Path) -> str:
+    try:
+        return (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""

@@ -24,7 +24,9 @@ from fastconsume._supervisor import WORKER_INDEX_ENV, restart_delay, supervise, 
 
 # The worker: notes "EVENT INDEX PID MARK" lines. Modes: "wait" for SIGTERM, then exit 0, or 3
 # for the indexes listed in FAILING; "ignore" SIGTERM; "finish" at once with 0; "plan": the
-# k-th start of an index stays up PLAN[k] seconds and exits 3, later starts exit 0.
+# k-th start of an index follows PLAN[k], "SECONDS[/CODE[/a]]": it reports partitions ("a"),
+# stays up SECONDS, reports the error line "fastconsume: boom CODE" and exits CODE (default 1);
+# later starts exit 0. With FAILING given, only those indexes follow the plan; the others wait.
 WORKER = """\
 import os, signal, sys, time
 
@@ -46,10 +48,15 @@ with open(log) as f:
 note("start")
 if mode == "finish":
     sys.exit(0)
-if mode == "plan":
+if mode == "plan" and (index in failing or failing == [""]):
     if earlier < len(plan):
-        time.sleep(float(plan[earlier]))
-        sys.exit(3)
+        from fastconsume._supervisor import report_assigned, report_error
+        seconds, code, *flags = (plan[earlier] + "/1").split("/")[:3]
+        if flags == ["a"]:
+            report_assigned()
+        time.sleep(float(seconds))
+        report_error(f"fastconsume: boom {code}")
+        sys.exit(int(code))
     sys.exit(0)
 while True:
     signal.pause()
@@ -85,7 +92,7 @@ class Workers:
         self.log = directory / "workers.log"
         self.log.touch()
 
-    def command(self, mode: str, *, failing: Sequence[int] = (), plan: Sequence[float] = ()) -> list[str]:
+    def command(self, mode: str, *, failing: Sequence[int] = (), plan: Sequence[float | str] = ()) -> list[str]:
         return [
             sys.executable,
             str(self.script),
@@ -292,7 +299,61 @@ def test_restarts_back_off_and_reset_after_a_long_run(workers: Workers, caplog: 
     assert len(workers.starts()[0]) == 5
     delays = [float(m) for r in caplog.records for m in re.findall(r"restarting it in (\S+) s", r.getMessage())]
     assert delays == [0.05, 0.1, 0.2, 0.05]
-    assert all("exited with code 3" in r.getMessage() for r in caplog.records if "restarting it" in r.getMessage())
+    assert all("exited with code 1" in r.getMessage() for r in caplog.records if "restarting it" in r.getMessage())
+
+
+# --- permanent start-up failures ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("code", [2, 3, 4, 5])
+def test_permanent_start_up_failures_end_the_supervisor_with_their_code(
+    workers: Workers, caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture[str], code: int
+) -> None:
+    started = time.monotonic()
+    with caplog.at_level(logging.INFO, logger="fastconsume"):
+        result = supervise(workers.command("plan", plan=[f"0/{code}"] * 10), 1, restart_backoff=(0.05, 30.0))
+    took = time.monotonic() - started
+
+    assert result == code
+    assert len(workers.starts()[0]) == 3  # GIVE_UP_AFTER, then no restart
+    errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert len(errors) == 1
+    assert f"exited with code {code} at start-up, 3 times in a row: giving up: fastconsume: boom {code}" in errors[0]
+    assert capsys.readouterr().err.splitlines()[-1] == f"fastconsume: boom {code}"  # relayed, last
+    assert took < DEADLINE
+
+
+def test_giving_up_stops_the_other_workers_gracefully(
+    workers: Workers, start_supervisor: Callable[..., Supervisor]
+) -> None:
+    supervisor = start_supervisor(workers.command("plan", failing=[0], plan=["0/3"] * 10), 3)
+    supervisor.wait_until_started({0: 3, 1: 1, 2: 1})
+
+    assert supervisor.wait() == 3, supervisor.describe()
+    healthy = {pids[0] for index, pids in workers.starts().items() if index != 0}
+    assert workers.noted("stop") == healthy  # one SIGTERM each, their graceful stop
+    assert len(workers.starts()[0]) == 3
+    assert not any(workers.running(pid) for pid in healthy)
+    assert "fastconsume: boom 3" in supervisor.log()
+
+
+@pytest.mark.parametrize(
+    "plan",
+    [
+        pytest.param(["0/3/a"] * 5, id="after partitions"),
+        pytest.param(["0/3", "0/3", "0/1", "0/3", "0/3"], id="a crash between"),
+        pytest.param(["0/3", "0/3", "0/2", "0/2", "0/3/a", "0/3"], id="another code between"),
+    ],
+)
+def test_failures_that_are_not_permanent_start_up_errors_still_restart(
+    workers: Workers, caplog: pytest.LogCaptureFixture, plan: list[str]
+) -> None:
+    with caplog.at_level(logging.WARNING, logger="fastconsume"):
+        result = supervise(workers.command("plan", plan=plan), 1, restart_backoff=(0.01, 0.05))
+
+    assert result == 0  # every planned failure was restarted, and the start after them exited 0
+    assert len(workers.starts()[0]) == len(plan) + 1
+    assert not [r for r in caplog.records if r.levelno == logging.ERROR]
 
 
 def test_a_worker_ignoring_sigterm_is_killed_after_the_stop_timeout(
@@ -360,10 +421,11 @@ def test_it_must_run_in_the_main_thread(workers: Workers) -> None:
         ((["true"], 1), {"restart_backoff": (-1.0, 1.0)}),
         ((["true"], 1), {"stop_timeout": -1.0}),
         ((["true"], 1), {"stop_timeout": float("nan")}),
+        ((["true"], 1), {"give_up_after": 0}),
     ],
 )
 def test_bad_arguments_raise_value_error(arguments: tuple[list[str], int], options: dict[str, object]) -> None:
-    with pytest.raises(ValueError, match=r"worker_command|processes|restart_backoff|stop_timeout"):
+    with pytest.raises(ValueError, match=r"worker_command|processes|restart_backoff|stop_timeout|give_up_after"):
         supervise(*arguments, **options)  # type: ignore[arg-type]
 
 

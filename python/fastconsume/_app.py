@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import atexit
 import difflib
 import inspect
 import logging
+import os
 import re
+import select
 import signal
+import sys
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, contextmanager, suppress
 from types import FrameType
 from typing import TYPE_CHECKING, Any, TypeVar, cast, overload
 
@@ -423,6 +427,11 @@ class App:
         linger = min(p.linger for p in self._plugins)
         rate_limit = self._rate_limit
         with ExitStack() as stack:
+            stack.enter_context(_exit_code_if_left_running())
+            # Signals are ours from before setup() to after teardown(): a second one there
+            # interrupts too, rather than killing the process with the signal's default.
+            if threading.current_thread() is threading.main_thread():
+                stack.enter_context(_signals_call(self.stop))
             self._stop_logged = False
             stack.callback(self._run_ended)
             stack.enter_context(
@@ -452,8 +461,7 @@ class App:
                 )
 
             if threading.current_thread() is threading.main_thread():
-                with _signals_call(self.stop):
-                    _run_interruptibly(run)
+                _run_interruptibly(run)
             else:
                 run()
 
@@ -679,39 +687,184 @@ def _property_value(value: object) -> str:
     return str(value)
 
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+INTERRUPTED = 130
+"""The exit code after a second signal (the shell's code for a SIGINT exit)."""
+
+
+class _SignalRoute:
+    """SIGINT and SIGTERM while a :func:`_signals_call` is active: deliveries counted, and the
+    innermost ``stop`` to call on the first."""
+
+    def __init__(self, read_fd: int) -> None:
+        self.read_fd = read_fd
+        self.received = 0
+        self.unclaimed = 0  # deliveries taken from the wakeup fd before their handler ran
+        self.interrupted = False
+        self.stops: list[Callable[[], None]] = []
+
+    def handle(self, signum: int, frame: FrameType | None) -> None:
+        if self.interrupted:
+            return  # the other signal's handler, after this one raised: one interrupt is enough
+        delivered = _delivered(self.read_fd) + self.unclaimed
+        self.unclaimed = 0
+        self.received += max(delivered, 1)
+        if self.received > 1:
+            self.interrupted = True
+            raise KeyboardInterrupt(f"second signal {signal.Signals(signum).name}: stopping at once")
+        self.stops[-1]()
+
+
+_route: _SignalRoute | None = None
+
+
 @contextmanager
 def _signals_call(stop: Callable[[], None]) -> Iterator[None]:
-    """Routes SIGINT and SIGTERM to ``stop`` for the duration; a second one interrupts."""
-    received: list[int] = []
+    """Routes SIGINT and SIGTERM to ``stop`` for the duration; a second one interrupts
+    (``KeyboardInterrupt``), and one after the duration, once a first came, ends the process
+    at once with exit code 130.
 
-    def handle(signum: int, frame: FrameType | None) -> None:
-        received.append(signum)
-        if len(received) > 1:
-            raise KeyboardInterrupt(f"second signal {signal.Signals(signum).name}: stopping at once")
-        stop()
+    Nested (``fastconsume run`` holds the signals from its start, ``App.run`` inside it), the
+    inner ``stop`` is the one called, the count goes on, and a signal that came before the
+    inner one began calls its ``stop`` at once.
 
-    previous = {s: signal.signal(s, handle) for s in (signal.SIGINT, signal.SIGTERM)}
+    Deliveries are counted from Python's wakeup fd, which gets one byte per delivery: Python
+    runs a handler once for however many of its signal came before the main thread got to it
+    (it may wait for the GIL behind busy plugins), so two quick SIGTERMs would otherwise count
+    as one."""
+    global _route  # noqa: PLW0603 -- signal handlers are process-wide
+    if _route is not None:
+        route = _route
+        route.stops.append(stop)
+        try:
+            if route.received:
+                stop()
+            yield
+        finally:
+            route.stops.pop()
+        return
+    read_fd, write_fd = os.pipe()
+    os.set_blocking(read_fd, False)
+    os.set_blocking(write_fd, False)
+    route = _SignalRoute(read_fd)
+    route.stops.append(stop)
+    previous_fd = signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
+    previous = {s: signal.signal(s, route.handle) for s in STOP_SIGNALS}
+    _route = route
     try:
         yield
     finally:
+        _route = None
         for s, handler in previous.items():
-            signal.signal(s, handler)
+            # None: set outside Python and not restorable; the default beats our handler.
+            signal.signal(s, signal.SIG_DFL if handler is None else handler)
+        signal.set_wakeup_fd(previous_fd)
+        os.close(read_fd)
+        os.close(write_fd)
+        # A first signal stopped this run: whatever comes after (plugin teardown, the
+        # interpreter's exit) is still "stopping", so a second signal exits 130 at once, even
+        # where Python can no longer run a handler. Handlers the application set stay.
+        defaults = [s for s, h in previous.items() if h in (None, signal.SIG_DFL, signal.default_int_handler)]
+        if route.received and not route.interrupted and defaults:
+            _core._exit_at_once_on(defaults, INTERRUPTED)
+
+
+def _delivered(read_fd: int) -> int:
+    """How many SIGINT and SIGTERM deliveries the wakeup fd holds (it is emptied)."""
+    count = 0
+    while True:
+        try:
+            chunk = os.read(read_fd, 512)
+        except BlockingIOError:
+            return count
+        if not chunk:
+            return count
+        count += sum(1 for b in chunk if b in STOP_SIGNALS)
+
+
+_exit_code_after_exit: int | None = None
+"""The exit code for ``os._exit`` should the interpreter end while plugin calls still run."""
+
+
+@contextmanager
+def _exit_code_if_left_running() -> Iterator[None]:
+    """Notes how the process should end if it ends while this run's plugin calls still run
+    (after a second signal, or calls left past ``shutdown_timeout``): 130 for a
+    ``KeyboardInterrupt``, 1 for another exception, else 0, as ``fastconsume run`` exits."""
+    global _exit_code_after_exit  # noqa: PLW0603 -- one process, one interpreter exit
+    _exit_code_after_exit = None  # while it runs: the program decides
+    try:
+        yield
+    except KeyboardInterrupt:
+        _exit_code_after_exit = INTERRUPTED
+        raise
+    except BaseException:
+        _exit_code_after_exit = 1
+        raise
+    _exit_code_after_exit = 0
+
+
+@atexit.register
+def _close_interpreter() -> None:
+    """Run by ``atexit``, before the interpreter finalizes: from now on no native thread
+    attaches to it (they park; attaching during finalization aborts the process on CPython
+    before 3.13). A worker still inside a plugin call would re-take the GIL inside CPython,
+    beyond our reach, and a run still stopping (after a second signal) would close its
+    consumer while the process tears down: then the process leaves with ``os._exit`` (logs
+    and output flushed), with the code :func:`_exit_code_if_left_running` noted."""
+    calls, runs = _core._close_interpreter_gate()
+    code = _exit_code_after_exit
+    if not calls and not (runs and code is not None):
+        return  # nothing can attach any more; a run on another thread of a program ending stays parked
+    if calls:
+        log.warning("exiting with %d plugin call(s) still running; their results are not committed", calls)
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        with suppress(OSError, ValueError):  # closed or broken: nothing more to save
+            stream.flush()
+    os._exit(0 if code is None else code)
 
 
 def _run_interruptibly(run: Callable[[], None]) -> None:
-    """Runs on a helper thread while the main thread waits in ``join``, which Python
-    interrupts to run signal handlers. The run's exception is re-raised here."""
+    """Runs on a helper thread while the main thread sleeps in ``poll`` on the signals'
+    wakeup fd and on a pipe the helper writes when done; the run's exception is re-raised
+    here.
+
+    Not in ``join``: Python runs its signal handlers on the main thread only, and a lock wait
+    there is cut short only by a signal the kernel delivered to that very thread. One that
+    lands on another thread (the main thread had a signal pending, or was on a CPU) would
+    leave the handlers waiting until the run ends, which it then never does. The wakeup fd
+    gets a byte whichever thread the signal hit."""
     failure: list[BaseException] = []
+    done_read, done_write = os.pipe()
 
     def target() -> None:
         try:
             run()
         except BaseException as error:  # re-raised on the calling thread below
             failure.append(error)
+        finally:
+            with suppress(OSError):  # the main thread left already (a second signal)
+                os.write(done_write, b"\0")
+            os.close(done_write)
 
+    poller = select.poll()
+    poller.register(done_read, select.POLLIN)
+    route = _route
+    if route is not None:
+        poller.register(route.read_fd, select.POLLIN)
     # Daemon, so a second signal can end the process without waiting for the run.
     thread = threading.Thread(target=target, name="fastconsume-run", daemon=True)
-    thread.start()
+    try:
+        thread.start()
+        while True:
+            ready = {fd for fd, _ in poller.poll()}  # handlers run here, or just after
+            if done_read in ready:
+                break
+            if route is not None:
+                route.unclaimed += _delivered(route.read_fd)  # for the handler about to run
+    finally:
+        os.close(done_read)
     thread.join()
     if failure:
         raise failure[0]

@@ -9,20 +9,25 @@ import dataclasses
 import os
 import signal
 import sys
+import threading
 from collections.abc import Sequence
+from types import FrameType
 
 from . import __version__, _core
-from ._app import App
+from ._app import App, _signals_call
 from ._config import Config, load_config
 from ._demo import DEFAULT_PARTITIONS, print_report, run_demo
 from ._loading import installed_plugins
 from ._logs import configure_logging, progress_line
-from ._supervisor import supervise
+from ._supervisor import SUPERVISOR_PID_ENV, report_assigned, report_error, supervise
 from .errors import FastconsumeError, PluginError
 
 USAGE_ERROR = 2
 INTERRUPTED = 130  # the shell's code for a SIGINT exit
 PR_SET_PDEATHSIG = 1  # from <sys/prctl.h>
+PARENT_DEATH_SIGNAL = signal.SIGRTMIN  # a signal of its own: see _stop_with_supervisor
+ASSIGNMENT_POLL = 0.2
+"""Seconds between a supervised worker's looks for its first partitions."""
 STOP_MARGIN = 30.0
 """Seconds a supervised worker has past its ``shutdown_timeout`` before it is killed."""
 
@@ -89,36 +94,96 @@ def _run(args: argparse.Namespace, config: Config) -> int:
     if processes < 1:
         print(f"fastconsume: --processes must be at least 1, got {processes}", file=sys.stderr)
         return USAGE_ERROR
+    if processes > 1 and not args.worker:
+        return _run_supervised(args, config, processes)
+    # The signals are the run's from the start: one while the app loads stops the run before
+    # it fetches anything (exit 0), a second one exits 130, never the signal's own death.
+    with _signals_call(lambda: None):
+        return _run_one(args, config)
+
+
+def _run_one(args: argparse.Namespace, config: Config) -> int:
     if args.worker:
         _stop_with_supervisor()
-    app = App.from_config(config)  # every mistake surfaces here, before any worker starts
+        try:
+            return _run_worker(args, config)
+        except FastconsumeError as error:
+            if not isinstance(error, PluginError):  # main() prints this line; the supervisor may relay it
+                report_error(f"fastconsume: {error}")
+            raise
+    app = App.from_config(config)
     app.validate(idle_timeout=args.idle_timeout)
     configure_logging()
-    if processes > 1 and not args.worker:
-        command = [sys.executable, "-m", "fastconsume", "run", "--worker"]
-        if args.target:
-            command.append(args.target)
-        if args.config:
-            command += ["--config", args.config]
-        if args.idle_timeout is not None:
-            command += ["--idle-timeout", str(args.idle_timeout)]
-        # Workers get their own shutdown_timeout to finish, and some to commit and leave.
-        return supervise(command, processes, stop_timeout=app.shutdown_timeout + STOP_MARGIN)
     with progress_line(app):
         app.run(idle_timeout=args.idle_timeout)
     return 0
 
 
+def _run_supervised(args: argparse.Namespace, config: Config, processes: int) -> int:
+    app = App.from_config(config)  # every mistake surfaces here, before any worker starts
+    app.validate(idle_timeout=args.idle_timeout)
+    configure_logging()
+    command = [sys.executable, "-m", "fastconsume", "run", "--worker"]
+    if args.target:
+        command.append(args.target)
+    if args.config:
+        command += ["--config", args.config]
+    if args.idle_timeout is not None:
+        command += ["--idle-timeout", str(args.idle_timeout)]
+    # Workers get their own shutdown_timeout to finish, and some to commit and leave.
+    return supervise(command, processes, stop_timeout=app.shutdown_timeout + STOP_MARGIN)
+
+
+def _run_worker(args: argparse.Namespace, config: Config) -> int:
+    """A supervised worker's run: as a single process's, and it tells the supervisor once it
+    got partitions (until then, a failure may be a permanent start-up error)."""
+    app = App.from_config(config)
+    app.validate(idle_timeout=args.idle_timeout)
+    configure_logging()
+    done = threading.Event()
+
+    def watch() -> None:
+        # Polls only until the first assignment (or the run's end), then the thread ends.
+        while not done.wait(ASSIGNMENT_POLL):
+            if any(p["assigned"] for p in app.stats()["partitions"].values()):
+                report_assigned()
+                return
+
+    watcher = threading.Thread(target=watch, name="fastconsume-report", daemon=True)
+    watcher.start()
+    try:
+        with progress_line(app):
+            app.run(idle_timeout=args.idle_timeout)
+    finally:
+        done.set()
+    return 0
+
+
 def _stop_with_supervisor() -> None:
-    """Asks Linux to send this worker SIGTERM if its supervisor dies: workers run in their own
-    session (so a terminal's Ctrl-C reaches only the supervisor), and must not outlive it."""
+    """Asks Linux to signal this worker if its supervisor dies: workers run in their own
+    session (so a terminal's Ctrl-C reaches only the supervisor), and must not outlive it.
+
+    The parent-death signal comes once per exiting thread of the supervisor that was this
+    worker's parent (the supervisor has several), so it is not SIGTERM itself: its first
+    arrival becomes one SIGTERM, the graceful stop, and the repeats are ignored. A real second
+    SIGTERM still stops at once."""
+    stopping = False
+
+    def parent_died(signum: int, frame: FrameType | None) -> None:
+        nonlocal stopping
+        if not stopping:
+            stopping = True
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    signal.signal(PARENT_DEATH_SIGNAL, parent_died)
     try:
         libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+        libc.prctl(PR_SET_PDEATHSIG, PARENT_DEATH_SIGNAL)
     except (OSError, AttributeError):
         return  # not Linux: the supervisor's stop still reaches the workers
-    if os.getppid() == 1:  # the supervisor died before the request took effect
-        os.kill(os.getpid(), signal.SIGTERM)
+    supervisor = os.environ.get(SUPERVISOR_PID_ENV)
+    if supervisor is not None and str(os.getppid()) != supervisor:
+        parent_died(PARENT_DEATH_SIGNAL, None)  # the supervisor died before the request took effect
 
 
 def _check(app: App) -> int:

@@ -3,7 +3,17 @@
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Protocol, TypedDict, final
 
-__all__ = ["Batch", "Consumer", "Message", "MockCluster", "__version__", "inspect", "produce"]
+__all__ = [
+    "Batch",
+    "Consumer",
+    "Message",
+    "MockCluster",
+    "__version__",
+    "_close_interpreter_gate",
+    "_exit_at_once_on",
+    "inspect",
+    "produce",
+]
 __version__: str
 
 @final
@@ -185,3 +195,11 @@ def inspect(
     watermarks, committed offsets, lag and owners, without joining the group. A topic's
     problems (unknown topic, unreadable watermarks) are in its ``"error"``; ``low``/``high``
     are -1 when unknown."""
+
+def _close_interpreter_gate() -> tuple[int, int]:
+    """Stops native threads from attaching to the interpreter from now on (run by an
+    ``atexit`` hook); returns how many worker threads are still inside a plugin call, and
+    how many runs have not returned."""
+
+def _exit_at_once_on(signals: Sequence[int], code: int) -> None:
+    """Makes each of ``signals`` end the process at once with ``code`` (native handler)."""

@@ -10,6 +10,7 @@ use pyo3::prelude::*;
 use pyo3::types::PyDict;
 
 use super::errors::to_pyerr;
+use super::lifecycle;
 use super::plugins::{PluginFailure, PluginSpec, Plugins, RateLimitSpec};
 use crate::config::SourceConfig;
 use crate::engine::{Engine, RunError, RunOptions};
@@ -90,6 +91,7 @@ impl PyConsumer {
             return Err(PyRuntimeError::new_err("this app is already running"));
         }
         let _running = RunningGuard(&self.running);
+        let _counted = lifecycle::Running::start();
         let options = RunOptions {
             lanes: plugins.iter().map(|p| lane_options(py, p)).collect::<PyResult<_>>()?,
             linger: duration(py, linger, "linger")?,
@@ -102,7 +104,8 @@ impl PyConsumer {
             dlq_timeout: duration(py, dlq_timeout, "dlq_timeout")?,
         };
         let plugins = Arc::new(Plugins::new(py, &plugins, event_loop));
-        let outcome = py.detach(|| self.engine.run(&self.config, &options, move |pool| plugins.serve(pool)));
+        let outcome =
+            lifecycle::detach(py, || self.engine.run(&self.config, &options, move |pool| plugins.serve(pool)));
         match outcome {
             Ok(()) => Ok(()),
             Err(RunError::Core(error)) => Err(to_pyerr(py, &error)),
@@ -112,14 +115,14 @@ impl PyConsumer {
 
     /// Asks the current run (or the next, if none is running) to stop gracefully.
     fn stop(&self, py: Python<'_>) {
-        py.detach(|| self.engine.stop());
+        lifecycle::detach(py, || self.engine.stop());
     }
 
     /// Counters of the current or last run.
     fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         let stats = PyDict::new(py);
         stats.set_item("running", self.running.load(Ordering::Acquire))?;
-        let snapshot = py.detach(|| self.engine.snapshot());
+        let snapshot = lifecycle::detach(py, || self.engine.snapshot());
         let plugins = PyDict::new(py);
         let partitions = PyDict::new(py);
         stats.set_item("messages", snapshot.as_ref().map_or(0, |s| s.admitted))?;

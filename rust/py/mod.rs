@@ -4,6 +4,7 @@ mod batch;
 mod consumer;
 mod errors;
 mod inspect;
+mod lifecycle;
 mod logs;
 mod mock;
 mod plugins;
@@ -15,5 +16,6 @@ pub fn init_pymodule(m: &Bound<'_, PyModule>) -> PyResult<()> {
     batch::init_pymodule(m)?;
     consumer::init_pymodule(m)?;
     inspect::init_pymodule(m)?;
+    lifecycle::init_pymodule(m)?;
     mock::init_pymodule(m)
 }

@@ -15,6 +15,7 @@ use pyo3::types::{PyString, PyType};
 
 use super::batch::PyBatch;
 use super::errors::exception;
+use super::lifecycle;
 use crate::limit::RateLimit;
 use crate::pool::{CallFailure, Pool, Task};
 
@@ -169,8 +170,8 @@ impl Plugins {
 
     /// One worker thread's whole life.
     pub fn serve(&self, pool: &Pool<PluginFailure>) {
-        Python::attach(|py| {
-            while let Some(task) = py.detach(|| pool.next_task()) {
+        lifecycle::worker_attach(|py| {
+            while let Some(task) = lifecycle::worker_detach(py, || pool.next_task()) {
                 if self.lanes[task.lane].is_async {
                     self.start_async(py, pool, task);
                     continue;
@@ -178,7 +179,7 @@ impl Plugins {
                 let started = Instant::now();
                 let outcome = self.call(py, &task);
                 let took = started.elapsed();
-                py.detach(|| pool.complete(task, outcome, took));
+                lifecycle::worker_detach(py, || pool.complete(task, outcome, took));
             }
         });
     }
@@ -205,14 +206,14 @@ impl Plugins {
         let (Some(event_loop), Some(shared)) = (&self.event_loop, pool.shared()) else {
             let error = pyo3::exceptions::PyRuntimeError::new_err("async plugin without an event loop");
             let failure = self.failure(py, error, &task);
-            py.detach(|| pool.complete(task, Err(failure), Duration::ZERO));
+            lifecycle::worker_detach(py, || pool.complete(task, Err(failure), Duration::ZERO));
             return;
         };
         let batch = match self.batch(py, &task) {
             Ok(batch) => batch,
             Err(error) => {
                 let failure = self.failure(py, error, &task);
-                py.detach(|| pool.complete(task, Err(failure), Duration::ZERO));
+                lifecycle::worker_detach(py, || pool.complete(task, Err(failure), Duration::ZERO));
                 return;
             }
         };
@@ -233,13 +234,16 @@ impl Plugins {
         match event_loop.call_method1(py, "start", (lane.func.clone_ref(py), batch, completion.clone_ref(py))) {
             Ok(handle) if has_deadline => {
                 let cancel = Box::new(move || {
+                    // Run by the engine's thread: not at all once the interpreter is closing.
+                    let Some(gate) = lifecycle::Gate::enter() else { return };
                     Python::try_attach(|py| {
+                        drop(gate);
                         if let Err(error) = handle.call_method0(py, "cancel") {
                             error.write_unraisable(py, None);
                         }
                     });
                 });
-                py.detach(|| pool.cancel_with(call, cancel));
+                lifecycle::worker_detach(py, || pool.cancel_with(call, cancel));
             }
             Ok(_) => {}
             Err(error) => completion.get().fail_to_start(py, error),
@@ -267,7 +271,7 @@ impl Completion {
         let took = self.started.elapsed();
         let name = self.name.bind(py).to_string_lossy().into_owned();
         let outcome = outcome.map_err(|error| PluginFailure::new(py, error, &name, &task));
-        py.detach(|| self.pool.complete(task, outcome, took));
+        lifecycle::detach(py, || self.pool.complete(task, outcome, took));
     }
 
     fn fail_to_start(&self, py: Python<'_>, error: PyErr) {
