@@ -1,11 +1,17 @@
-"""The ``fastconsume`` command. User mistakes exit with status 2 and one line naming them,
-never a traceback."""
+"""The ``fastconsume`` command. Every failure ends with one line naming it, never a traceback
+(that is logged at DEBUG, shown with ``--log-level debug``), and an exit status that says what
+kind it was (see ``docs/operations.md``):
+
+0 success, 1 a run failed (a plugin, Kafka during the run), 2 a user mistake (configuration,
+plugin, unknown topic), 3 Kafka unreachable, 4 authentication failed, 5 TLS failed,
+130 interrupted (a second signal)."""
 
 from __future__ import annotations
 
 import argparse
 import ctypes
 import dataclasses
+import logging
 import os
 import signal
 import sys
@@ -18,10 +24,33 @@ from ._demo import DEFAULT_PARTITIONS, print_report, run_demo
 from ._loading import installed_plugins
 from ._logs import configure_logging, progress_line
 from ._supervisor import supervise
-from .errors import FastconsumeError, PluginError
+from .errors import (
+    ConfigError,
+    FastconsumeError,
+    KafkaAuthenticationError,
+    KafkaConnectionError,
+    KafkaTLSError,
+    PluginError,
+)
 
+RUN_FAILED = 1
 USAGE_ERROR = 2
+UNREACHABLE = 3
+AUTHENTICATION_FAILED = 4
+TLS_FAILED = 5
 INTERRUPTED = 130  # the shell's code for a SIGINT exit
+EXIT_CODES: tuple[tuple[type[FastconsumeError], int], ...] = (
+    # Most specific first: the TLS and authentication errors are connection errors too.
+    (KafkaTLSError, TLS_FAILED),
+    (KafkaAuthenticationError, AUTHENTICATION_FAILED),
+    (KafkaConnectionError, UNREACHABLE),
+    (ConfigError, USAGE_ERROR),
+)
+"""The exit status of each kind of error; any other :class:`FastconsumeError` (a plugin
+failure, Kafka failing during the run) is ``RUN_FAILED``."""
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+log = logging.getLogger("fastconsume")
 PR_SET_PDEATHSIG = 1  # from <sys/prctl.h>
 STOP_MARGIN = 30.0
 """Seconds a supervised worker has past its ``shutdown_timeout`` before it is killed."""
@@ -29,6 +58,10 @@ STOP_MARGIN = 30.0
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    level = getattr(args, "log_level", None)
+    if level is not None:
+        configure_logging()
+        logging.getLogger().setLevel(level.upper())
     try:
         if args.command == "demo":
             print_report(run_demo(messages=args.messages, partitions=args.partitions))
@@ -41,14 +74,33 @@ def main(argv: Sequence[str] | None = None) -> int:
             app.validate()  # what run() would refuse, check refuses too
             return _check(app)
         return _run(args, config)
-    except PluginError:
-        raise
     except FastconsumeError as error:
-        print(f"fastconsume: {error}", file=sys.stderr)
-        return USAGE_ERROR
+        return _failed(error)
     except KeyboardInterrupt as interrupt:  # a second signal: stop at once, uncommitted work stays
         print(f"fastconsume: {interrupt or 'interrupted'}", file=sys.stderr)
         return INTERRUPTED
+
+
+def exit_code(error: FastconsumeError) -> int:
+    """The CLI's exit status for an error.
+
+    >>> import fastconsume as fc
+    >>> exit_code(fc.KafkaTLSError("certificate verify failed")), exit_code(fc.UnknownTopicError("t"))
+    (5, 2)
+    """
+    return next((code for kind, code in EXIT_CODES if isinstance(error, kind)), RUN_FAILED)
+
+
+def _failed(error: FastconsumeError) -> int:
+    """Prints the error as one line (a plugin failure: plus its exception's type and message),
+    logs its traceback at DEBUG, and returns its exit status."""
+    line = f"fastconsume: {error}"
+    cause = error.__cause__
+    if isinstance(error, PluginError) and cause is not None and f"{type(cause).__name__}(" not in line:
+        line += f"\n  caused by {type(cause).__name__}: {cause}"
+    print(line, file=sys.stderr)
+    log.debug("%s", error, exc_info=error)
+    return exit_code(error)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -68,13 +120,24 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--processes", type=int, default=None, help="worker processes in the same group (default 1)")
     run.add_argument("--idle-timeout", type=float, default=None, help="return after this many idle seconds")
     run.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)  # started by the supervisor
+    _log_level_option(run)
 
     check = commands.add_parser("check", help="validate the config, connect, and show partitions and lag")
     check.add_argument("target", nargs="?", metavar="TARGET", help=target_help)
     check.add_argument("--config", metavar="FILE", help=config_help)
+    _log_level_option(check)
 
     commands.add_parser("plugins", help="list the plugins installed through entry points")
     return parser
+
+
+def _log_level_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--log-level",
+        choices=LOG_LEVELS,
+        default=None,
+        help="log at this level to stderr (default info for run); debug also shows a failure's traceback",
+    )
 
 
 def _config(args: argparse.Namespace) -> Config:
@@ -102,6 +165,8 @@ def _run(args: argparse.Namespace, config: Config) -> int:
             command += ["--config", args.config]
         if args.idle_timeout is not None:
             command += ["--idle-timeout", str(args.idle_timeout)]
+        if args.log_level is not None:
+            command += ["--log-level", args.log_level]
         # Workers get their own shutdown_timeout to finish, and some to commit and leave.
         return supervise(command, processes, stop_timeout=app.shutdown_timeout + STOP_MARGIN)
     with progress_line(app):
@@ -122,7 +187,10 @@ def _stop_with_supervisor() -> None:
 
 
 def _check(app: App) -> int:
-    """Prints the settings (secrets hidden), then what the brokers say of the topics."""
+    """Prints the settings (secrets hidden), then what the brokers say of the topics and the
+    group. Returns 0 if nothing is wrong, 2 if a topic does not exist (a user mistake, as for
+    ``run``), 1 for any other problem it reports (a topic's or partition's error, a group that
+    cannot be described); failing to connect raises, as ``run`` does."""
     settings = app.describe()
     print(f"bootstrap: {settings['bootstrap']}\ngroup: {settings['group']}")
     for name, value in settings["kafka"].items():
@@ -133,8 +201,16 @@ def _check(app: App) -> int:
     print(f"brokers: {', '.join(report['brokers'])}")
     state = report["group_state"] or "unknown"
     print(f"group {report['group']!r}: {state}, {len(report['members'])} member(s)")
+    problems: list[str] = []
+    unknown: list[str] = []
+    if report["group_error"]:
+        problems.append(f"group {report['group']!r}: {report['group_error']}")
     for topic, found in report["topics"].items():
-        if found["error"]:
+        if found["unknown"]:
+            unknown.append(topic)
+        elif found["error"]:
+            problems.append(f"topic {topic}: {found['error']}")
+        if found["error"] and not found["partitions"]:
             print(f"topic {topic}: {found['error']}")
             continue
         partitions = found["partitions"]
@@ -147,7 +223,15 @@ def _check(app: App) -> int:
                 f"  [{p['partition']}] offsets {p['low']}..{p['high']}  committed {committed}  "
                 f"lag {p['lag']}  owner {owner}"
             )
-    return 0
+        if found["error"]:
+            print(f"  error: {found['error']}")
+    if unknown:
+        problems.insert(0, f"unknown topic(s): {', '.join(unknown)}")
+    for problem in problems:
+        print(f"fastconsume check: {problem}", file=sys.stderr)
+    if unknown:
+        return USAGE_ERROR
+    return RUN_FAILED if problems else 0
 
 
 def _list_plugins() -> int:

@@ -110,6 +110,7 @@ class Consumer:
         topics: list[str],
         kafka: list[tuple[str, str]],
         connect_timeout: float,
+        wait_for_topics: bool = False,
     ) -> Consumer: ...
     def run(
         self,
@@ -162,12 +163,14 @@ class _InspectPartition(TypedDict):
 
 class _InspectTopic(TypedDict):
     error: str | None
+    unknown: bool
     partitions: list[_InspectPartition]
 
 class _InspectReport(TypedDict):
     brokers: list[str]
     group: str
     group_state: str | None
+    group_error: str | None
     members: list[_InspectMember]
     topics: dict[str, _InspectTopic]
 
@@ -183,4 +186,4 @@ def inspect(
     brokers, the group's state, members and assignment, and per topic its partitions'
     watermarks, committed offsets, lag and owners, without joining the group. A topic's
     problems (unknown topic, unreadable watermarks) are in its ``"error"``; ``low``/``high``
-    are -1 when unknown."""
+    are -1 when unknown; a group that could not be described has ``"group_error"``."""

@@ -19,11 +19,14 @@ from collections.abc import Iterable
 __all__ = [
     "ConfigError",
     "FastconsumeError",
+    "KafkaAuthenticationError",
     "KafkaConnectionError",
     "KafkaError",
+    "KafkaTLSError",
     "PartialFailure",
     "PluginError",
     "PluginSignatureError",
+    "UnknownTopicError",
 ]
 
 
@@ -41,8 +44,28 @@ class PluginSignatureError(ConfigError, TypeError):
     itself raises for a call that does not fit."""
 
 
+class UnknownTopicError(ConfigError):
+    """A topic to consume does not exist in the cluster (checked once, at start, within
+    ``connect_timeout``). The message names the missing topics. ``App(wait_for_topics=True)``
+    waits for them instead. A :class:`ConfigError`: the CLI exits with status 2."""
+
+
 class KafkaConnectionError(FastconsumeError, ConnectionError):
-    """The brokers could not be reached within ``connect_timeout``."""
+    """The brokers could not be reached within ``connect_timeout``. The message carries
+    librdkafka's last meaningful error (a failed resolve, a refused connection). The CLI
+    exits with status 3."""
+
+
+class KafkaAuthenticationError(KafkaConnectionError):
+    """The brokers refused the credentials (SASL). Raised as soon as librdkafka reports it,
+    not after ``connect_timeout``; the message carries librdkafka's reason, never the
+    password. The CLI exits with status 4."""
+
+
+class KafkaTLSError(KafkaConnectionError):
+    """The TLS connection failed: the broker's certificate did not verify (wrong or no CA),
+    or a plaintext client reached a TLS listener. Raised as soon as librdkafka reports it;
+    the CLI exits with status 5."""
 
 
 class KafkaError(FastconsumeError):
