@@ -342,6 +342,7 @@ pub fn decode_assignment(bytes: &[u8]) -> Option<Vec<(String, Vec<i32>)>> {
 mod tests {
     use proptest::prelude::*;
     use rdkafka::consumer::CommitMode;
+    use std::time::Instant;
 
     use super::*;
     use crate::mock::{seeded, unreachable};

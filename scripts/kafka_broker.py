@@ -553,9 +553,9 @@ def make_certificates(directory: str | os.PathLike[str]) -> Path:
     return tls
 
 
-def _secure_overrides(
-    wd: Path, port: int, ctrl_port: int, sasl_port: int, ssl_port: int, keystore: Path
-) -> dict[str, str]:
+def _secure_overrides(ports: tuple[int, int, int, int], keystore: Path) -> dict[str, str]:
+    """server.properties entries for the listeners; `ports`: plaintext, controller, SASL, SSL."""
+    port, ctrl_port, sasl_port, ssl_port = ports
     return {
         "listeners": (
             f"PLAINTEXT://{HOST}:{port},CONTROLLER://{HOST}:{ctrl_port},"
@@ -621,7 +621,7 @@ def start_secure(
     password = secret.read_text().strip()
     for attempt in range(1, 4):
         port, ctrl_port, sasl_port, ssl_port = _free_ports(4)
-        props = _secure_overrides(wd, port, ctrl_port, sasl_port, ssl_port, tls / "broker-keystore.pem")
+        props = _secure_overrides((port, ctrl_port, sasl_port, ssl_port), tls / "broker-keystore.pem")
         props.update(overrides or {})
         _write_properties(wd / PROPS_FILE, _server_properties(wd, port, ctrl_port, props))
         if not (wd / DATA_DIR / "meta.properties").is_file():

@@ -68,9 +68,7 @@ def _write_config(directory: Path, bootstrap: str, topics: list[str], extra: str
     ],
     ids=["resolve", "refused"],
 )
-def test_a_connect_error_names_librdkafkas_cause(
-    bootstrap: str, cause: str, caplog: pytest.LogCaptureFixture
-) -> None:
+def test_a_connect_error_names_librdkafkas_cause(bootstrap: str, cause: str, caplog: pytest.LogCaptureFixture) -> None:
     app = fc.App(bootstrap, new_group(), ["t"], connect_timeout="2s")
     app.plugin(lambda batch: None, name="noop")
     started = time.monotonic()
@@ -202,7 +200,7 @@ def test_wait_for_topics_waits_warns_and_consumes_once_created(
         try:
             app.run(idle_timeout=2)
             outcome.append(None)
-        except BaseException as error:  # noqa: BLE001 -- handed to the test thread
+        except BaseException as error:
             outcome.append(error)
 
     with caplog.at_level(logging.WARNING, logger="fastconsume"):
