@@ -8,12 +8,12 @@ Central jars (scripts/kafka/pom.xml) into a cache outside the clone and run with
     python scripts/kafka_broker.py fetch              # prints the libs dir
     python scripts/kafka_broker.py start --dir DIR    # prints 127.0.0.1:PORT
     python scripts/kafka_broker.py stop --dir DIR
-    python scripts/kafka_broker.py start-secure --dir DIR   # + SASL/SCRAM and SSL listeners
 
     broker = kafka_broker.start(tmp_path)   # Broker(bootstrap, pid, workdir)
     ...
     broker.stop()                           # or kafka_broker.stop(tmp_path)
     secure = kafka_broker.start_secure(tmp_path)   # SecureBroker(plaintext, sasl, ssl, ...)
+    (CLI: `start-secure --dir DIR` prints its listeners; `stop --dir DIR` stops it.)
 
 Needs `java` 17+ (JAVA_HOME or PATH) and `mvn` on PATH for the first fetch.
 Cache root: $FASTCONSUME_CACHE, default ~/.cache/fastconsume.
@@ -765,16 +765,16 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "fetch":
             print(fetch())
-        elif args.command == "start":
-            broker = start(args.dir, timeout=args.timeout, reuse_ports=args.reuse_ports)
-            # The broker must outlive this process: drop it from the atexit hook's list.
-            _CHILDREN.pop(broker.pid, None)
-            print(broker.bootstrap)
         elif args.command == "start-secure":
             secure = start_secure(args.dir, timeout=args.timeout)
             _CHILDREN.pop(secure.pid, None)
             # The password stays in DIR/sasl-secret: printing it would put it in CI logs.
             print(f"plaintext={secure.plaintext} sasl={secure.sasl} ssl={secure.ssl} ca={secure.ca_file}")
+        elif args.command == "start":
+            broker = start(args.dir, timeout=args.timeout, reuse_ports=args.reuse_ports)
+            # The broker must outlive this process: drop it from the atexit hook's list.
+            _CHILDREN.pop(broker.pid, None)
+            print(broker.bootstrap)
         else:
             stop(args.dir, timeout=args.timeout)
     except BrokerError as exc:
