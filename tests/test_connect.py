@@ -232,6 +232,16 @@ def test_stop_while_waiting_for_topics_ends_the_run() -> None:
     assert time.monotonic() - started < 10
 
 
+def test_stop_while_connecting_ends_the_run_at_once() -> None:
+    """Not after connect_timeout: the connect asks for a stop between its short waits."""
+    app = fc.App(f"127.0.0.1:{_closed_port()}", new_group(), ["t"], connect_timeout="30s")
+    app.plugin(lambda batch: None, name="noop")
+    threading.Timer(1.0, app.stop).start()
+    started = time.monotonic()
+    app.run()
+    assert time.monotonic() - started < 5
+
+
 def test_wait_for_topics_is_a_config_key(tmp_path: Path) -> None:
     (tmp_path / "fastconsume.toml").write_text('wait_for_topics = "yes"\n')
     result = fastconsume("check", cwd=tmp_path)
