@@ -24,30 +24,11 @@ from ._demo import DEFAULT_PARTITIONS, print_report, run_demo
 from ._loading import installed_plugins
 from ._logs import configure_logging, progress_line
 from ._supervisor import supervise
-from .errors import (
-    ConfigError,
-    FastconsumeError,
-    KafkaAuthenticationError,
-    KafkaConnectionError,
-    KafkaTLSError,
-    PluginError,
-)
+from .errors import FastconsumeError, PluginError
 
-RUN_FAILED = 1
 USAGE_ERROR = 2
-UNREACHABLE = 3
-AUTHENTICATION_FAILED = 4
-TLS_FAILED = 5
 INTERRUPTED = 130  # the shell's code for a SIGINT exit
-EXIT_CODES: tuple[tuple[type[FastconsumeError], int], ...] = (
-    # Most specific first: the TLS and authentication errors are connection errors too.
-    (KafkaTLSError, TLS_FAILED),
-    (KafkaAuthenticationError, AUTHENTICATION_FAILED),
-    (KafkaConnectionError, UNREACHABLE),
-    (ConfigError, USAGE_ERROR),
-)
-"""The exit status of each kind of error; any other :class:`FastconsumeError` (a plugin
-failure, Kafka failing during the run) is ``RUN_FAILED``."""
+RUN_FAILED = 1  # as FastconsumeError.exit_code: each error class carries its own status
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
 log = logging.getLogger("fastconsume")
@@ -81,16 +62,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return INTERRUPTED
 
 
-def exit_code(error: FastconsumeError) -> int:
-    """The CLI's exit status for an error.
-
-    >>> import fastconsume as fc
-    >>> exit_code(fc.KafkaTLSError("certificate verify failed")), exit_code(fc.UnknownTopicError("t"))
-    (5, 2)
-    """
-    return next((code for kind, code in EXIT_CODES if isinstance(error, kind)), RUN_FAILED)
-
-
 def _failed(error: FastconsumeError) -> int:
     """Prints the error as one line (a plugin failure: plus its exception's type and message),
     logs its traceback at DEBUG, and returns its exit status."""
@@ -100,7 +71,7 @@ def _failed(error: FastconsumeError) -> int:
         line += f"\n  caused by {type(cause).__name__}: {cause}"
     print(line, file=sys.stderr)
     log.debug("%s", error, exc_info=error)
-    return exit_code(error)
+    return error.exit_code
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -165,8 +136,6 @@ def _run(args: argparse.Namespace, config: Config) -> int:
             command += ["--config", args.config]
         if args.idle_timeout is not None:
             command += ["--idle-timeout", str(args.idle_timeout)]
-        if args.log_level is not None:
-            command += ["--log-level", args.log_level]
         # Workers get their own shutdown_timeout to finish, and some to commit and leave.
         return supervise(command, processes, stop_timeout=app.shutdown_timeout + STOP_MARGIN)
     with progress_line(app):

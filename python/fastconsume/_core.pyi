@@ -186,4 +186,4 @@ def inspect(
     brokers, the group's state, members and assignment, and per topic its partitions'
     watermarks, committed offsets, lag and owners, without joining the group. A topic's
     problems (unknown topic, unreadable watermarks) are in its ``"error"``; ``low``/``high``
-    are -1 when unknown; a group that could not be described has ``"group_error"``."""
+    are -1 when unknown."""
