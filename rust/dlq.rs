@@ -162,19 +162,9 @@ struct Acks {
     /// Raised before a record is handed to librdkafka, lowered once its report has run (or
     /// librdkafka refused it), so zero means no `done` is still due for anything sent.
     outstanding: AtomicUsize,
-    /// librdkafka's errors, logged and collapsed the way the consumer's are.
-    errors: crate::errors::ErrorWatch,
 }
 
-impl ClientContext for Acks {
-    fn error(&self, error: rdkafka::error::KafkaError, reason: &str) {
-        self.errors.record(&error, reason);
-    }
-
-    fn log(&self, level: rdkafka::config::RDKafkaLogLevel, fac: &str, log_message: &str) {
-        crate::errors::log_librdkafka(&self.errors, level, fac, log_message);
-    }
-}
+impl ClientContext for Acks {}
 
 impl ProducerContext for Acks {
     type DeliveryOpaque = Box<Pending>;

@@ -147,8 +147,7 @@ fn repeat_key(line: &str) -> &str {
 /// at WARNING, identical repeats (a broker that stays down fails again every reconnect
 /// backoff, and "all brokers are down" follows each time) counted and logged as one line with
 /// the count at most every 30 s and when a connect ends; and the last meaningful one kept,
-/// classified, to explain a failed connect. Shared by the consumer, `inspect` and the
-/// dead-letter producer.
+/// classified, to explain a failed connect. Shared by the consumer and `inspect`.
 #[derive(Default)]
 pub struct ErrorWatch {
     state: Mutex<WatchState>,

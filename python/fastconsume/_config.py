@@ -129,7 +129,7 @@ class Config:
     """``MODULE:ATTR`` or ``path/to/file.py:ATTR`` of an App whose plugins run."""
     settings: dict[str, object]
     """``App(...)`` keyword arguments given: bootstrap, group, topics, kafka, rate_limit,
-    workers, connect_timeout, wait_for_topics, shutdown_timeout, revoke_timeout."""
+    workers, connect_timeout, shutdown_timeout, revoke_timeout."""
     processes: int
     plugins: dict[str, dict[str, object]]
     """Plugin name -> ``App.plugin(...)`` options given (plus ``entry_point`` if given)."""

@@ -20,11 +20,11 @@ pub fn exception(py: Python<'_>, name: &str, message: String) -> PyErr {
 
 pub fn to_pyerr(py: Python<'_>, error: &Error) -> PyErr {
     let name = match error {
-        Error::Config(_) | Error::Property { .. } => "ConfigError",
-        Error::Connect { failure: ConnectFailure::Unreachable, .. } => "KafkaConnectionError",
         Error::Connect { failure: ConnectFailure::Authentication, .. } => "KafkaAuthenticationError",
         Error::Connect { failure: ConnectFailure::Tls, .. } => "KafkaTLSError",
         Error::UnknownTopics { .. } => "UnknownTopicError",
+        Error::Config(_) | Error::Property { .. } => "ConfigError",
+        Error::Connect { .. } => "KafkaConnectionError",
         Error::Kafka { .. } | Error::Delivery { .. } => "KafkaError",
         Error::Internal(_) => "FastconsumeError",
     };
