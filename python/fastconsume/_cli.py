@@ -69,7 +69,7 @@ def _failed(error: FastconsumeError) -> int:
     cause = error.__cause__
     if isinstance(error, PluginError) and cause is not None and f"{type(cause).__name__}(" not in line:
         line += f"\n  caused by {type(cause).__name__}: {cause}"
-    print(line, file=sys.stderr)
+    sys.stderr.write(line + "\n")  # one write: a log line from another thread cannot split it
     log.debug("%s", error, exc_info=error)
     return error.exit_code
 
