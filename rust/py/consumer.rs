@@ -103,9 +103,6 @@ impl PyConsumer {
         };
         let plugins = Arc::new(Plugins::new(py, &plugins, event_loop));
         let outcome = py.detach(|| self.engine.run(&self.config, &options, move |pool| plugins.serve(pool)));
-        if outcome.is_err() {
-            super::logs::flush(py, super::logs::FLUSH_BEFORE_RAISING);
-        }
         match outcome {
             Ok(()) => Ok(()),
             Err(RunError::Core(error)) => Err(to_pyerr(py, &error)),

@@ -21,10 +21,7 @@ fn inspect(
     connect_timeout: f64,
 ) -> PyResult<Bound<'_, PyDict>> {
     let config = source_config(py, bootstrap, group, topics, kafka, connect_timeout, false)?;
-    let report = py.detach(|| crate::inspect::inspect(&config)).map_err(|e| {
-        super::logs::flush(py, super::logs::FLUSH_BEFORE_RAISING);
-        to_pyerr(py, &e)
-    })?;
+    let report = py.detach(|| crate::inspect::inspect(&config)).map_err(|e| to_pyerr(py, &e))?;
     to_dict(py, &report)
 }
 

@@ -45,13 +45,8 @@ impl Log for PythonLog {
         };
         let logger = if record.target().starts_with("librdkafka") { "fastconsume.librdkafka" } else { "fastconsume" };
         let line = Line { level, logger, message: record.args().to_string() };
-        match self.lines.try_send(line) {
-            Ok(()) => {
-                SENT.fetch_add(1, Ordering::AcqRel);
-            }
-            Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => {
-                self.dropped.fetch_add(1, Ordering::Relaxed);
-            }
+        if let Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) = self.lines.try_send(line) {
+            self.dropped.fetch_add(1, Ordering::Relaxed);
         }
     }
 
@@ -80,30 +75,7 @@ fn emit(lines: &Receiver<Line>) {
         if attached.is_none() {
             return;
         }
-        HANDED.fetch_add(1, Ordering::AcqRel);
     }
-}
-
-/// Records handed to the bridge thread, and those it has passed to Python since: `flush`
-/// waits for the second to catch up with the first.
-static SENT: AtomicU64 = AtomicU64::new(0);
-/// How long an error waits for the log lines before it is raised (see `flush`).
-pub const FLUSH_BEFORE_RAISING: std::time::Duration = std::time::Duration::from_millis(500);
-static HANDED: AtomicU64 = AtomicU64::new(0);
-
-/// Waits, at most `timeout` and without the GIL (the bridge thread needs it), until every
-/// record logged before the call has reached Python's `logging`. Called before an error is
-/// raised to Python, so that the error, printed next, comes after the log lines that led to
-/// it rather than in the middle of them.
-pub fn flush(py: Python<'_>, timeout: std::time::Duration) {
-    let sent = SENT.load(Ordering::Acquire);
-    let deadline = std::time::Instant::now() + timeout;
-    py.detach(|| {
-        // Only on a failure path, once: a short poll is simpler than a condition variable.
-        while HANDED.load(Ordering::Acquire) < sent && std::time::Instant::now() < deadline {
-            std::thread::sleep(std::time::Duration::from_millis(1));
-        }
-    });
 }
 
 /// Installs the bridge once per process; a logger installed by someone else stays.
