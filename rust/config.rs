@@ -40,6 +40,8 @@ pub struct SourceConfig {
     pub kafka: Vec<(String, String)>,
     /// How long to wait for the brokers before giving up with a connect error.
     pub connect_timeout: Duration,
+    /// Whether topics missing at start are waited for instead of an error.
+    pub wait_for_topics: bool,
 }
 
 impl SourceConfig {
@@ -105,6 +107,7 @@ mod tests {
             topics: vec!["t".into()],
             kafka: vec![],
             connect_timeout: Duration::from_secs(1),
+            wait_for_topics: false,
         }
     }
 

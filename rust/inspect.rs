@@ -8,8 +8,7 @@
 //! read, or a group the cluster cannot describe is reported in place instead.
 
 use std::collections::HashMap;
-use std::sync::{Mutex, PoisonError};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
@@ -19,8 +18,8 @@ use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use rdkafka::ClientContext;
 
 use crate::config::SourceConfig;
-use crate::errors::{Error, Result};
-use crate::source::connect_error;
+use crate::errors::{Error, ErrorWatch, Result};
+use crate::source::connect;
 
 /// One partition of a topic.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -49,6 +48,8 @@ pub struct TopicReport {
     /// What went wrong with the topic (unknown topic, unreadable metadata, a partition's
     /// watermarks or committed offset), if anything. Partitions are listed when known.
     pub error: Option<String>,
+    /// Whether the cluster does not have the topic at all.
+    pub unknown: bool,
 }
 
 /// A member of the group, as the group coordinator describes it.
@@ -71,20 +72,25 @@ pub struct Report {
     /// The group's state (`Stable`, `Empty`, ...); `None` if the cluster does not know the
     /// group or could not describe it.
     pub group_state: Option<String>,
+    /// Why the group could not be described, if it could not.
+    pub group_error: Option<String>,
     pub members: Vec<GroupMember>,
     pub topics: Vec<TopicReport>,
 }
 
-/// Keeps librdkafka's last error, to explain a failed connect.
+/// Keeps librdkafka's errors, to explain a failed connect (the same way a run does).
 #[derive(Default)]
 struct InspectContext {
-    last_error: Mutex<Option<String>>,
+    errors: ErrorWatch,
 }
 
 impl ClientContext for InspectContext {
     fn error(&self, error: KafkaError, reason: &str) {
-        log::debug!("librdkafka: {error}: {reason}");
-        *self.last_error.lock().unwrap_or_else(PoisonError::into_inner) = Some(format!("{error}: {reason}"));
+        self.errors.record(&error, reason);
+    }
+
+    fn log(&self, level: rdkafka::config::RDKafkaLogLevel, fac: &str, log_message: &str) {
+        crate::errors::log_librdkafka(&self.errors, level, fac, log_message);
     }
 }
 
@@ -102,11 +108,10 @@ pub fn inspect(config: &SourceConfig) -> Result<Report> {
         .map_err(|e| Error::kafka("create consumer", e))?;
     let timeout = config.connect_timeout;
 
-    // The first call doubles as the connect check, as in `Source::start`.
-    let started = Instant::now();
-    let first = consumer
-        .fetch_metadata(Some(&config.topics[0]), timeout)
-        .map_err(|e| connect_error(&consumer, &consumer.context().last_error, config, started, &e))?;
+    // The first call doubles as the connect check, as in `Source::start` (and classifies a
+    // failure the same way).
+    let first = connect(&consumer, &consumer.context().errors, config, &|| false)?
+        .ok_or_else(|| Error::Internal("connect stopped without being asked to".into()))?;
     let brokers = broker_list(&first);
 
     let mut topics = Vec::with_capacity(config.topics.len());
@@ -115,16 +120,17 @@ pub fn inspect(config: &SourceConfig) -> Result<Report> {
         let report = match consumer.fetch_metadata(Some(topic), timeout) {
             Ok(metadata) => topic_report(&consumer, topic, &metadata, timeout),
             Err(e) => {
-                TopicReport { topic: topic.clone(), partitions: Vec::new(), error: Some(format!("metadata: {e}")) }
+                let error = Some(format!("metadata: {e}"));
+                TopicReport { topic: topic.clone(), partitions: Vec::new(), error, unknown: false }
             }
         };
         topics.push(report);
     }
 
     add_committed(&consumer, &mut topics, timeout)?;
-    let (group_state, members) = describe_group(&consumer, &config.group, timeout);
+    let (group_state, members, group_error) = describe_group(&consumer, &config.group, timeout);
     add_owners(&mut topics, &members);
-    Ok(Report { brokers, group: config.group.clone(), group_state, members, topics })
+    Ok(Report { brokers, group: config.group.clone(), group_state, group_error, members, topics })
 }
 
 fn broker_list(metadata: &Metadata) -> Vec<String> {
@@ -141,13 +147,16 @@ fn topic_report(consumer: &InspectConsumer, topic: &str, metadata: &Metadata, ti
             topic: topic.to_string(),
             partitions: Vec::new(),
             error: Some("not in the cluster's metadata".into()),
+            unknown: true,
         };
     };
     if let Some(code) = found.error() {
+        let code = RDKafkaErrorCode::from(code);
         return TopicReport {
             topic: topic.to_string(),
             partitions: Vec::new(),
-            error: Some(RDKafkaErrorCode::from(code).to_string()),
+            error: Some(code.to_string()),
+            unknown: code == RDKafkaErrorCode::UnknownTopicOrPartition,
         };
     }
     let mut ids: Vec<i32> = found.partitions().iter().map(rdkafka::metadata::MetadataPartition::id).collect();
@@ -169,7 +178,7 @@ fn topic_report(consumer: &InspectConsumer, topic: &str, metadata: &Metadata, ti
     } else {
         (!errors.is_empty()).then(|| errors.join("; "))
     };
-    TopicReport { topic: topic.to_string(), partitions, error }
+    TopicReport { topic: topic.to_string(), partitions, error, unknown: false }
 }
 
 /// Fills in the group's committed offsets, and the lag from them. Failing to read them at
@@ -212,19 +221,21 @@ fn add_committed(consumer: &InspectConsumer, topics: &mut [TopicReport], timeout
     Ok(())
 }
 
-/// The group's state and members. A cluster that cannot describe groups (librdkafka's mock
-/// cannot; an ACL may forbid it) is not a failure: the state is `None`, with a warning.
-fn describe_group(consumer: &InspectConsumer, group: &str, timeout: Duration) -> (Option<String>, Vec<GroupMember>) {
+/// The group's state and members, and why they are unknown if they are. A cluster that
+/// cannot describe groups (librdkafka's mock cannot; an ACL may forbid it) leaves the rest of
+/// the report intact: the state is `None` and the error is reported in place.
+fn describe_group(
+    consumer: &InspectConsumer,
+    group: &str,
+    timeout: Duration,
+) -> (Option<String>, Vec<GroupMember>, Option<String>) {
     let list = match consumer.fetch_group_list(Some(group), timeout) {
         Ok(list) => list,
-        Err(e) => {
-            log::warn!("cannot describe group {group:?}: {e}");
-            return (None, Vec::new());
-        }
+        Err(e) => return (None, Vec::new(), Some(format!("cannot describe the group: {e}"))),
     };
     // Absent when the cluster has never heard of the group (no member, no commit).
-    let Some(info) = list.groups().iter().find(|g| g.name() == group) else { return (None, Vec::new()) };
-    (Some(info.state().to_string()), members(info))
+    let Some(info) = list.groups().iter().find(|g| g.name() == group) else { return (None, Vec::new(), None) };
+    (Some(info.state().to_string()), members(info), None)
 }
 
 fn members(info: &GroupInfo) -> Vec<GroupMember> {
@@ -331,6 +342,7 @@ pub fn decode_assignment(bytes: &[u8]) -> Option<Vec<(String, Vec<i32>)>> {
 mod tests {
     use proptest::prelude::*;
     use rdkafka::consumer::CommitMode;
+    use std::time::Instant;
 
     use super::*;
     use crate::mock::{seeded, unreachable};
@@ -410,7 +422,8 @@ mod tests {
         let outcome = inspect(&config);
         let elapsed = started.elapsed();
         match outcome {
-            Err(Error::Connect { bootstrap, waited_ms, last_error }) => {
+            Err(Error::Connect { bootstrap, waited_ms, last_error, failure }) => {
+                assert_eq!(failure, crate::errors::ConnectFailure::Unreachable);
                 assert_eq!(bootstrap, "127.0.0.1:1");
                 assert!((400..5000).contains(&waited_ms), "waited {waited_ms} ms");
                 assert!(last_error.is_some());
@@ -428,6 +441,7 @@ mod tests {
             topics: vec![],
             kafka: vec![],
             connect_timeout: Duration::from_millis(500),
+            wait_for_topics: false,
         };
         assert!(matches!(inspect(&config), Err(Error::Config(_))));
     }
@@ -496,8 +510,12 @@ mod tests {
     fn owners_come_from_the_decoded_assignments() {
         let partition =
             |partition| PartitionReport { partition, low: 0, high: 1, committed: None, lag: Some(1), owner: None };
-        let mut topics =
-            vec![TopicReport { topic: "t".into(), partitions: vec![partition(0), partition(1)], error: None }];
+        let mut topics = vec![TopicReport {
+            topic: "t".into(),
+            partitions: vec![partition(0), partition(1)],
+            error: None,
+            unknown: false,
+        }];
         let members = vec![GroupMember {
             member_id: "m-1".into(),
             client_id: "app".into(),

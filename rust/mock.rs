@@ -84,6 +84,7 @@ pub fn seeded(per_partition: &[usize]) -> (MockKafka, crate::config::SourceConfi
         topics: vec!["t".into()],
         kafka: vec![],
         connect_timeout: std::time::Duration::from_secs(10),
+        wait_for_topics: false,
     };
     (cluster, config)
 }
@@ -97,5 +98,6 @@ pub fn unreachable() -> crate::config::SourceConfig {
         topics: vec!["t".into()],
         kafka: vec![],
         connect_timeout: std::time::Duration::from_millis(500),
+        wait_for_topics: false,
     }
 }

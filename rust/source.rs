@@ -28,12 +28,13 @@ use std::time::{Duration, Instant};
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
 use rdkafka::error::{KafkaError, KafkaResult, RDKafkaErrorCode};
 use rdkafka::message::Message;
+use rdkafka::metadata::Metadata;
 use rdkafka::topic_partition_list::TopicPartitionList;
 use rdkafka::ClientContext;
 
 use crate::batch::{Batch, BatchBuilder, Fetched, Partition};
 use crate::config::SourceConfig;
-use crate::errors::{Error, Result};
+use crate::errors::{ConnectFailure, Error, ErrorWatch, Result};
 use crate::fetch::{FetchQueue, RawMessage};
 use crate::limit::{Limiter, RateLimit};
 use crate::pool::Wake;
@@ -112,7 +113,7 @@ pub struct SourceContext {
     /// Partitions revoked since the poll loop last looked, so it drops their partial batches.
     revoked: Mutex<Vec<Partition>>,
     assigned_at: Mutex<Option<Instant>>,
-    last_error: Mutex<Option<String>>,
+    errors: ErrorWatch,
     /// Where assigned partitions' messages go; owned by the poll loop, which clears this
     /// when it ends so the queue is gone before the consumer is.
     fetch: Mutex<Option<Arc<FetchQueue>>>,
@@ -124,8 +125,11 @@ fn partitions(tpl: &TopicPartitionList) -> Vec<Partition> {
 
 impl ClientContext for SourceContext {
     fn error(&self, error: KafkaError, reason: &str) {
-        log::warn!("librdkafka: {error}: {reason}");
-        *lock(&self.last_error) = Some(format!("{error}: {reason}"));
+        self.errors.record(&error, reason);
+    }
+
+    fn log(&self, level: rdkafka::config::RDKafkaLogLevel, fac: &str, log_message: &str) {
+        crate::errors::log_librdkafka(&self.errors, level, fac, log_message);
     }
 }
 
@@ -214,24 +218,145 @@ pub fn commit_async(consumer: &KafkaConsumer) {
     }
 }
 
-/// The `Error::Connect` of a consumer's first broker call that failed, naming librdkafka's
-/// last error if it reported one. Errors reach the context only when the consumer queue is
-/// served, so it is served here, before anything is subscribed: polling then cannot join the
-/// group. Bounded, as a poll that returns nothing may still have served an event.
-pub fn connect_error<C: ConsumerContext>(
-    consumer: &BaseConsumer<C>,
-    last_error: &Mutex<Option<String>>,
-    config: &SourceConfig,
-    started: Instant,
-    error: &KafkaError,
-) -> Error {
+/// The connect's metadata calls wait in slices, growing from this, so that a permanent
+/// failure is noticed between two of them.
+const FIRST_SLICE: Duration = Duration::from_millis(100);
+/// The longest slice at first: how late an authentication or TLS failure, which librdkafka
+/// sees on its first connection, may be noticed.
+const EARLY_SLICE: Duration = Duration::from_millis(250);
+/// After this, slices are `LATE_SLICE` long, so that a cluster whose metadata answer takes
+/// longer than an early slice (far away, overloaded) still gets through.
+const EARLY: Duration = Duration::from_secs(3);
+const LATE_SLICE: Duration = Duration::from_secs(1);
+/// How often the missing topics are named while `wait_for_topics` waits for them.
+const TOPIC_WAIT_WARNING: Duration = Duration::from_secs(10);
+/// How often the topics are looked up again while waiting for them.
+const TOPIC_WAIT_POLL: Duration = Duration::from_secs(1);
+
+/// Serves the consumer queue so librdkafka's error events reach the context. Nothing is
+/// subscribed yet, so polling cannot join the group or return a message. Bounded, not until
+/// `None`: a poll that returns nothing may still have served an event.
+fn serve_errors<C: ConsumerContext>(consumer: &BaseConsumer<C>) {
     for _ in 0..32 {
         let _ = consumer.poll(Duration::ZERO);
     }
-    Error::Connect {
-        bootstrap: config.bootstrap.clone(),
-        waited_ms: started.elapsed().as_millis() as u64,
-        last_error: lock(last_error).clone().or_else(|| Some(error.to_string())),
+}
+
+/// Connects: fetches the metadata of the first topic, bounded by `connect_timeout`. The wait
+/// is cut into short slices, and between them librdkafka's error events are read: an
+/// authentication or TLS failure ends it at once (librdkafka knows within a second, but its
+/// metadata call would wait the whole timeout), and a timeout names the last meaningful error
+/// (a failed resolve, a refused connection), never just "all brokers are down". `stop` is
+/// asked between slices; `Ok(None)` means it said yes.
+pub fn connect<C: ConsumerContext>(
+    consumer: &BaseConsumer<C>,
+    errors: &ErrorWatch,
+    config: &SourceConfig,
+    stop: &dyn Fn() -> bool,
+) -> Result<Option<Metadata>> {
+    let started = Instant::now();
+    let deadline = started + config.connect_timeout;
+    let mut slice = FIRST_SLICE;
+    let outcome = loop {
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        let attempt = consumer.fetch_metadata(Some(&config.topics[0]), slice.min(remaining));
+        serve_errors(consumer);
+        let failed = match attempt {
+            Ok(metadata) => break Ok(Some(metadata)),
+            Err(e) => e,
+        };
+        let waited_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
+        let bootstrap = config.bootstrap.clone();
+        if let Some((failure, reason)) = errors.permanent() {
+            break Err(Error::Connect { bootstrap, waited_ms, failure, last_error: Some(reason) });
+        }
+        if Instant::now() >= deadline {
+            let last_error = errors.last().map(|(_, reason)| reason).or_else(|| Some(failed.to_string()));
+            break Err(Error::Connect { bootstrap, waited_ms, failure: ConnectFailure::Unreachable, last_error });
+        }
+        if stop() {
+            break Ok(None);
+        }
+        slice = if started.elapsed() < EARLY { (slice * 2).min(EARLY_SLICE) } else { LATE_SLICE };
+    };
+    errors.flush();
+    outcome
+}
+
+/// The configured topics the cluster does not have (unknown to its metadata). `first` is the
+/// metadata `connect` fetched for the first topic; the others are fetched here.
+pub fn missing_topics<C: ConsumerContext>(
+    consumer: &BaseConsumer<C>,
+    config: &SourceConfig,
+    first: &Metadata,
+) -> Result<Vec<String>> {
+    let mut missing = Vec::new();
+    for (i, topic) in config.topics.iter().enumerate() {
+        let fetched;
+        let metadata = if i == 0 {
+            first
+        } else {
+            fetched = consumer
+                .fetch_metadata(Some(topic), config.connect_timeout)
+                .map_err(|e| Error::kafka("topic metadata", e))?;
+            &fetched
+        };
+        let known = metadata.topics().iter().find(|t| t.name() == topic);
+        let unknown = known.is_none_or(|t| {
+            t.error().is_some_and(|code| RDKafkaErrorCode::from(code) == RDKafkaErrorCode::UnknownTopicOrPartition)
+        });
+        if unknown {
+            missing.push(topic.clone());
+        }
+    }
+    Ok(missing)
+}
+
+/// Connects and checks that every topic exists. A missing one is an error, unless
+/// `wait_for_topics` is set: then this waits for them (naming them every few seconds) until
+/// they exist or `stop` says so (`Ok(false)`).
+fn connect_and_find_topics<C: ConsumerContext>(
+    consumer: &BaseConsumer<C>,
+    errors: &ErrorWatch,
+    config: &SourceConfig,
+    stop: &dyn Fn() -> bool,
+) -> Result<bool> {
+    let Some(mut first) = connect(consumer, errors, config, stop)? else { return Ok(false) };
+    let started = Instant::now();
+    let mut warned_at: Option<Instant> = None;
+    loop {
+        let missing = missing_topics(consumer, config, &first)?;
+        if missing.is_empty() {
+            if warned_at.is_some() {
+                log::info!("the topics exist now; consuming");
+            }
+            return Ok(true);
+        }
+        if !config.wait_for_topics {
+            return Err(Error::UnknownTopics { bootstrap: config.bootstrap.clone(), topics: missing });
+        }
+        if warned_at.is_none_or(|at| at.elapsed() >= TOPIC_WAIT_WARNING) {
+            log::warn!(
+                "waiting for topic(s) {} to be created (wait_for_topics is set; waited {:.0} s)",
+                missing.join(", "),
+                started.elapsed().as_secs_f64()
+            );
+            warned_at = Some(Instant::now());
+        }
+        let until = Instant::now() + TOPIC_WAIT_POLL;
+        while Instant::now() < until {
+            if stop() {
+                return Ok(false);
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        // A broker that goes away meanwhile is waited for like at the start.
+        match connect(consumer, errors, config, stop) {
+            Ok(Some(metadata)) => first = metadata,
+            Ok(None) => return Ok(false),
+            Err(error @ Error::Connect { failure, .. }) if failure.is_permanent() => return Err(error),
+            Err(error) => log::warn!("while waiting for topics: {error}"),
+        }
     }
 }
 
@@ -268,16 +393,16 @@ impl Source {
             revoke_timeout: shape.revoke_timeout,
             revoked: Mutex::default(),
             assigned_at: Mutex::default(),
-            last_error: Mutex::default(),
+            errors: ErrorWatch::default(),
             fetch: Mutex::default(),
         };
         let mut consumer: KafkaConsumer =
             config.client_config().create_with_context(context).map_err(|e| Error::kafka("create consumer", e))?;
         let limiter = shape.rate_limit.map(Limiter::new).transpose()?;
-        let started = Instant::now();
-        if let Err(e) = consumer.fetch_metadata(Some(&config.topics[0]), config.connect_timeout) {
-            return Err(connect_error(&consumer, &consumer.context().last_error, config, started, &e));
-        }
+        // A stop while connecting (or waiting for topics) still starts the loop, which then
+        // ends at once: the run returns as stopped, having consumed nothing.
+        let stop = || intake.stop_requested();
+        connect_and_find_topics(&consumer, &consumer.context().errors, config, &stop)?;
         let topics: Vec<&str> = config.topics.iter().map(String::as_str).collect();
         consumer.subscribe(&topics).map_err(|e| Error::kafka("subscribe", e))?;
 

@@ -14,6 +14,8 @@ Central jars (scripts/kafka/pom.xml) into a cache outside the clone and run with
     broker = kafka_broker.start(tmp_path)   # Broker(bootstrap, pid, workdir)
     ...
     broker.stop()                           # or kafka_broker.stop(tmp_path)
+    secure = kafka_broker.start_secure(tmp_path)   # SecureBroker(plaintext, sasl, ssl, ...)
+    (CLI: `start-secure --dir DIR` prints its listeners; `stop --dir DIR` stops it.)
 
     cluster = kafka_broker.start_cluster(tmp_path, nodes=3)   # Cluster(bootstrap, nodes, workdir)
     cluster.kill(2)       # kill -9 node 2 (node ids are 1..N)
@@ -475,6 +477,192 @@ def _wait_ready(proc: subprocess.Popen[bytes], wd: Path, port: int, since: int, 
         time.sleep(0.05)
 
 
+# ---------------------------------------------------------------------------- secure broker
+
+# A broker with, besides PLAINTEXT, a SASL_PLAINTEXT listener (SCRAM-SHA-512, the user created
+# when the storage is formatted) and an SSL listener (a certificate signed by a CA made here
+# with the `openssl` CLI, kept in PEM form, which Kafka 4 reads as a keystore). For tests of
+# authentication and TLS failures; started and stopped like the plain broker.
+
+TLS_DIR = "tls"
+SCRAM_MECHANISM = "SCRAM-SHA-512"
+SECRET_FILE = "sasl-secret"
+
+
+@dataclass
+class SecureBroker:
+    """A running broker started by start_secure(). `plaintext`, `sasl` and `ssl` are the
+    bootstrap addresses of its three client listeners."""
+
+    plaintext: str
+    sasl: str
+    ssl: str
+    username: str
+    password: str
+    ca_file: Path
+    """The CA that signed the broker's certificate (`ssl.ca.location`)."""
+    other_ca_file: Path
+    """A CA that did not sign it: a client trusting only this one must fail to verify."""
+    pid: int
+    workdir: Path
+
+    def stop(self, timeout: float = STOP_TIMEOUT) -> None:
+        stop(self.workdir, timeout=timeout)
+
+    def sasl_config(self, password: str | None = None) -> dict[str, str]:
+        """librdkafka properties for the SASL listener (the right password unless given)."""
+        return {
+            "security.protocol": "SASL_PLAINTEXT",
+            "sasl.mechanism": SCRAM_MECHANISM,
+            "sasl.username": self.username,
+            "sasl.password": self.password if password is None else password,
+        }
+
+    def ssl_config(self, ca_file: Path | None = None) -> dict[str, str]:
+        """librdkafka properties for the SSL listener, trusting `ca_file` (default: the
+        broker's CA)."""
+        return {"security.protocol": "SSL", "ssl.ca.location": str(ca_file or self.ca_file)}
+
+
+def _openssl(*args: str, cwd: Path) -> None:
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        raise BrokerError("the `openssl` command is needed to make the test broker's certificates")
+    res = subprocess.run([openssl, *args], cwd=cwd, check=False, capture_output=True, text=True)
+    if res.returncode != 0:
+        raise BrokerError(f"openssl {' '.join(args)} failed ({res.returncode}):\n{res.stderr.strip()[-2000:]}")
+
+
+def _new_ca(tls: Path, name: str) -> None:
+    _openssl(
+        "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "30",
+        "-keyout", f"{name}.key", "-out", f"{name}.pem", "-subj", f"/CN=fastconsume test {name}",
+        "-addext", "basicConstraints=critical,CA:TRUE",
+        "-addext", "keyUsage=critical,keyCertSign,cRLSign",
+        cwd=tls,
+    )  # fmt: skip
+
+
+def make_certificates(directory: str | os.PathLike[str]) -> Path:
+    """Makes, once, a CA (`ca.pem`), another CA (`other-ca.pem`) and a broker certificate for
+    127.0.0.1 signed by the first, with its key, as a PEM keystore (`broker-keystore.pem`:
+    key, certificate, CA). Returns the directory."""
+    tls = Path(directory)
+    tls.mkdir(parents=True, exist_ok=True)
+    keystore = tls / "broker-keystore.pem"
+    if keystore.is_file():
+        return tls
+    _new_ca(tls, "ca")
+    _new_ca(tls, "other-ca")
+    (tls / "broker.ext").write_text(
+        "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\nkeyUsage=digitalSignature,keyEncipherment\n"
+    )
+    _openssl(
+        "req", "-newkey", "rsa:2048", "-nodes", "-keyout", "broker.key", "-out", "broker.csr",
+        "-subj", "/CN=127.0.0.1", cwd=tls,
+    )  # fmt: skip
+    _openssl(
+        "x509", "-req", "-in", "broker.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
+        "-days", "30", "-out", "broker.pem", "-extfile", "broker.ext", cwd=tls,
+    )  # fmt: skip
+    parts = [(tls / name).read_text() for name in ("broker.key", "broker.pem", "ca.pem")]
+    keystore.write_text("".join(parts))
+    return tls
+
+
+def _secure_overrides(ports: tuple[int, int, int, int], keystore: Path) -> dict[str, str]:
+    """server.properties entries for the listeners; `ports`: plaintext, controller, SASL, SSL."""
+    port, ctrl_port, sasl_port, ssl_port = ports
+    return {
+        "listeners": (
+            f"PLAINTEXT://{HOST}:{port},CONTROLLER://{HOST}:{ctrl_port},"
+            f"SASL_PLAINTEXT://{HOST}:{sasl_port},SSL://{HOST}:{ssl_port}"
+        ),
+        "advertised.listeners": f"PLAINTEXT://{HOST}:{port},SASL_PLAINTEXT://{HOST}:{sasl_port},SSL://{HOST}:{ssl_port}",
+        "listener.security.protocol.map": (
+            "CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT,SASL_PLAINTEXT:SASL_PLAINTEXT,SSL:SSL"
+        ),
+        "sasl.enabled.mechanisms": SCRAM_MECHANISM,
+        "listener.name.sasl_plaintext.scram-sha-512.sasl.jaas.config": (
+            "org.apache.kafka.common.security.scram.ScramLoginModule required;"
+        ),
+        "listener.name.ssl.ssl.keystore.type": "PEM",
+        "listener.name.ssl.ssl.keystore.location": str(keystore),
+        "listener.name.ssl.ssl.client.auth": "none",
+    }
+
+
+def _format_secure_storage(java: str, libs: Path, workdir: Path, username: str, password: str) -> None:
+    """As _format_storage, creating the SCRAM user in the same step."""
+    cmd = [
+        java, f"-Dlog4j2.configurationFile={LOG4J_CONFIG}",
+        "-cp", str(libs / "*"),
+        "kafka.tools.StorageTool", "format",
+        "-t", _cluster_id(),
+        "-c", str(workdir / PROPS_FILE),
+        "--add-scram", f"{SCRAM_MECHANISM}=[name={username},password={password}]",
+    ]  # fmt: skip
+    res = subprocess.run(cmd, check=False, stdin=subprocess.DEVNULL, capture_output=True, text=True)
+    with (workdir / LOG_FILE).open("a") as log:
+        log.write(res.stdout + res.stderr)
+    if res.returncode != 0:
+        raise BrokerError(
+            f"kafka StorageTool format failed ({res.returncode}) in {workdir}:\n"
+            f"{(res.stdout + res.stderr).strip()[-4000:]}"
+        )
+
+
+def start_secure(
+    workdir: str | os.PathLike[str],
+    *,
+    username: str = "fastconsume",
+    timeout: float = START_TIMEOUT,
+    overrides: Mapping[str, str] | None = None,
+) -> SecureBroker:
+    """Start a single-node broker with PLAINTEXT, SASL_PLAINTEXT (SCRAM-SHA-512) and SSL
+    listeners in `workdir`; wait until ready. The SCRAM user `username` gets a random password
+    when the storage is first formatted (kept in the workdir, mode 0600, for restarts). Fresh
+    ports each time. Raises BrokerError."""
+    wd = Path(workdir).resolve()
+    wd.mkdir(parents=True, exist_ok=True)
+    running = _running_pid(wd)
+    if running is not None:
+        raise BrokerError(f"a broker is already running in {wd} (pid {running}); stop it first")
+    libs = fetch()
+    java = _java()
+    tls = make_certificates(wd / TLS_DIR)
+    secret = wd / SECRET_FILE
+    if not secret.is_file():
+        secret.touch(mode=0o600)
+        secret.write_text(base64.b32encode(os.urandom(15)).decode().lower())  # no , = [ ] in it
+    password = secret.read_text().strip()
+    for attempt in range(1, 4):
+        port, ctrl_port, sasl_port, ssl_port = _free_ports(4)
+        props = _secure_overrides((port, ctrl_port, sasl_port, ssl_port), tls / "broker-keystore.pem")
+        props.update(overrides or {})
+        _write_properties(wd / PROPS_FILE, _server_properties(wd, port, ctrl_port, props))
+        if not (wd / DATA_DIR / "meta.properties").is_file():
+            _format_secure_storage(java, libs, wd, username, password)
+        try:
+            broker = _launch(java, libs, wd, port=port, ctrl_port=ctrl_port, timeout=timeout)
+        except _PortTakenError:
+            if attempt == 3:
+                raise BrokerError(f"broker could not bind its ports:\n{_log_tail(wd)}") from None
+            continue
+        return SecureBroker(
+            plaintext=broker.bootstrap,
+            sasl=f"{HOST}:{sasl_port}",
+            ssl=f"{HOST}:{ssl_port}",
+            username=username,
+            password=password,
+            ca_file=tls / "ca.pem",
+            other_ca_file=tls / "other-ca.pem",
+            pid=broker.pid,
+            workdir=wd,
+        )
+    raise AssertionError("unreachable")
+
+
 # ---------------------------------------------------------------------------- stop
 
 
@@ -873,6 +1061,11 @@ def main(argv: list[str] | None = None) -> int:
     p_start.add_argument("--dir", required=True, type=Path)
     p_start.add_argument("--timeout", type=float, default=START_TIMEOUT)
     p_start.add_argument("--reuse-ports", action="store_true", help="keep DIR's previous ports")
+    p_secure = sub.add_parser(
+        "start-secure", help="start a broker with SASL (SCRAM-SHA-512) and SSL listeners in DIR; print them"
+    )
+    p_secure.add_argument("--dir", required=True, type=Path)
+    p_secure.add_argument("--timeout", type=float, default=START_TIMEOUT)
     p_stop = sub.add_parser("stop", help="stop the broker in DIR (no-op if none)")
     p_stop.add_argument("--dir", required=True, type=Path)
     p_stop.add_argument("--timeout", type=float, default=STOP_TIMEOUT)
@@ -887,6 +1080,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "fetch":
             print(fetch())
+        elif args.command == "start-secure":
+            secure = start_secure(args.dir, timeout=args.timeout)
+            _CHILDREN.pop(secure.pid, None)
+            # The password stays in DIR/sasl-secret: printing it would put it in CI logs.
+            print(f"plaintext={secure.plaintext} sasl={secure.sasl} ssl={secure.ssl} ca={secure.ca_file}")
         elif args.command == "start":
             broker = start(args.dir, timeout=args.timeout, reuse_ports=args.reuse_ports)
             # The broker must outlive this process: drop it from the atexit hook's list.

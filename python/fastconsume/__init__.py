@@ -17,7 +17,18 @@ import logging
 from ._app import App
 from ._core import Batch, Message, __version__
 from ._plugins import RateLimit
-from .errors import ConfigError, FastconsumeError, KafkaConnectionError, KafkaError, PartialFailure, PluginError
+from .errors import (
+    ConfigError,
+    FastconsumeError,
+    KafkaAuthenticationError,
+    KafkaConnectionError,
+    KafkaError,
+    KafkaTLSError,
+    PartialFailure,
+    PluginError,
+    PluginSignatureError,
+    UnknownTopicError,
+)
 
 # A library logs; the application decides where to (the CLI does, in logfmt). Without this,
 # Python's last-resort handler would print librdkafka's warnings to stderr.
@@ -28,11 +39,15 @@ __all__ = [
     "Batch",
     "ConfigError",
     "FastconsumeError",
+    "KafkaAuthenticationError",
     "KafkaConnectionError",
     "KafkaError",
+    "KafkaTLSError",
     "Message",
     "PartialFailure",
     "PluginError",
+    "PluginSignatureError",
     "RateLimit",
+    "UnknownTopicError",
     "__version__",
 ]

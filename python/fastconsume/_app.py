@@ -89,7 +89,12 @@ class App:
             ``bootstrap.servers``, ``group.id``, ``enable.auto.commit`` and
             ``enable.auto.offset.store`` itself.
         connect_timeout: How long ``run()`` waits for the brokers before raising
-            :class:`~fastconsume.errors.KafkaConnectionError`.
+            :class:`~fastconsume.errors.KafkaConnectionError`. An authentication or TLS
+            failure raises at once (:class:`~fastconsume.errors.KafkaAuthenticationError`,
+            :class:`~fastconsume.errors.KafkaTLSError`).
+        wait_for_topics: Whether ``run()`` waits for topics that do not exist yet (logging a
+            warning naming them every 10 s) instead of raising
+            :class:`~fastconsume.errors.UnknownTopicError` at start.
         rate_limit: Messages per second for the whole app, or a :class:`RateLimit` with a
             burst. Charged once per fetched batch; while over budget, fetching pauses until
             the budget is back.
@@ -124,6 +129,7 @@ class App:
         *,
         kafka: Mapping[str, object] | None = None,
         connect_timeout: Duration = DEFAULT_CONNECT_TIMEOUT,
+        wait_for_topics: bool = False,
         rate_limit: float | RateLimit | None = None,
         workers: int | None = None,
         shutdown_timeout: Duration = DEFAULT_SHUTDOWN_TIMEOUT,
@@ -143,6 +149,7 @@ class App:
             "topics": topic_list,
             "kafka": dict(kafka or {}),
             "connect_timeout": connect_timeout,
+            "wait_for_topics": wait_for_topics,
             "rate_limit": rate_limit,
             "workers": workers,
             "shutdown_timeout": shutdown_timeout,
@@ -150,7 +157,9 @@ class App:
             "progress_interval": progress_interval,
             "dlq_timeout": dlq_timeout,
         }
-        self._core = _core.Consumer(**self.connection())
+        if not isinstance(wait_for_topics, bool):
+            raise ConfigError(f"wait_for_topics must be True or False, got {wait_for_topics!r}")
+        self._core = _core.Consumer(**self.connection(), wait_for_topics=wait_for_topics)
         if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
             raise ConfigError(f"workers must be a positive integer, got {workers!r}")
         self._workers = workers

@@ -1,11 +1,17 @@
-"""The ``fastconsume`` command. User mistakes exit with status 2 and one line naming them,
-never a traceback."""
+"""The ``fastconsume`` command. Every failure ends with one line naming it, never a traceback
+(that is logged at DEBUG, shown with ``--log-level debug``), and an exit status that says what
+kind it was (see ``docs/operations.md``):
+
+0 success, 1 a run failed (a plugin, Kafka during the run), 2 a user mistake (configuration,
+plugin, unknown topic), 3 Kafka unreachable, 4 authentication failed, 5 TLS failed,
+130 interrupted (a second signal)."""
 
 from __future__ import annotations
 
 import argparse
 import ctypes
 import dataclasses
+import logging
 import os
 import signal
 import sys
@@ -24,6 +30,10 @@ from .errors import FastconsumeError, PluginError
 
 USAGE_ERROR = 2
 INTERRUPTED = 130  # the shell's code for a SIGINT exit
+RUN_FAILED = 1  # as FastconsumeError.exit_code: each error class carries its own status
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+log = logging.getLogger("fastconsume")
 PR_SET_PDEATHSIG = 1  # from <sys/prctl.h>
 PARENT_DEATH_SIGNAL = signal.SIGRTMIN  # a signal of its own: see _stop_with_supervisor
 ASSIGNMENT_POLL = 0.2
@@ -34,6 +44,10 @@ STOP_MARGIN = 30.0
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    level = getattr(args, "log_level", None)
+    if level is not None:
+        configure_logging()
+        logging.getLogger().setLevel(level.upper())
     try:
         if args.command == "demo":
             print_report(run_demo(messages=args.messages, partitions=args.partitions))
@@ -46,14 +60,23 @@ def main(argv: Sequence[str] | None = None) -> int:
             app.validate()  # what run() would refuse, check refuses too
             return _check(app)
         return _run(args, config)
-    except PluginError:
-        raise
     except FastconsumeError as error:
-        print(f"fastconsume: {error}", file=sys.stderr)
-        return USAGE_ERROR
+        return _failed(error)
     except KeyboardInterrupt as interrupt:  # a second signal: stop at once, uncommitted work stays
         print(f"fastconsume: {interrupt or 'interrupted'}", file=sys.stderr)
         return INTERRUPTED
+
+
+def _failed(error: FastconsumeError) -> int:
+    """Prints the error as one line (a plugin failure: plus its exception's type and message),
+    logs its traceback at DEBUG, and returns its exit status."""
+    line = f"fastconsume: {error}"
+    cause = error.__cause__
+    if isinstance(error, PluginError) and cause is not None and f"{type(cause).__name__}(" not in line:
+        line += f"\n  caused by {type(cause).__name__}: {cause}"
+    sys.stderr.write(line + "\n")  # one write: a log line from another thread cannot split it
+    log.debug("%s", error, exc_info=error)
+    return error.exit_code
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -73,13 +96,24 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--processes", type=int, default=None, help="worker processes in the same group (default 1)")
     run.add_argument("--idle-timeout", type=float, default=None, help="return after this many idle seconds")
     run.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)  # started by the supervisor
+    _log_level_option(run)
 
     check = commands.add_parser("check", help="validate the config, connect, and show partitions and lag")
     check.add_argument("target", nargs="?", metavar="TARGET", help=target_help)
     check.add_argument("--config", metavar="FILE", help=config_help)
+    _log_level_option(check)
 
     commands.add_parser("plugins", help="list the plugins installed through entry points")
     return parser
+
+
+def _log_level_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--log-level",
+        choices=LOG_LEVELS,
+        default=None,
+        help="log at this level to stderr (default info for run); debug also shows a failure's traceback",
+    )
 
 
 def _config(args: argparse.Namespace) -> Config:
@@ -187,7 +221,10 @@ def _stop_with_supervisor() -> None:
 
 
 def _check(app: App) -> int:
-    """Prints the settings (secrets hidden), then what the brokers say of the topics."""
+    """Prints the settings (secrets hidden), then what the brokers say of the topics and the
+    group. Returns 0 if nothing is wrong, 2 if a topic does not exist (a user mistake, as for
+    ``run``), 1 for any other problem it reports (a topic's or partition's error, a group that
+    cannot be described); failing to connect raises, as ``run`` does."""
     settings = app.describe()
     print(f"bootstrap: {settings['bootstrap']}\ngroup: {settings['group']}")
     for name, value in settings["kafka"].items():
@@ -198,8 +235,16 @@ def _check(app: App) -> int:
     print(f"brokers: {', '.join(report['brokers'])}")
     state = report["group_state"] or "unknown"
     print(f"group {report['group']!r}: {state}, {len(report['members'])} member(s)")
+    problems: list[str] = []
+    unknown: list[str] = []
+    if report["group_error"]:
+        problems.append(f"group {report['group']!r}: {report['group_error']}")
     for topic, found in report["topics"].items():
-        if found["error"]:
+        if found["unknown"]:
+            unknown.append(topic)
+        elif found["error"]:
+            problems.append(f"topic {topic}: {found['error']}")
+        if found["error"] and not found["partitions"]:
             print(f"topic {topic}: {found['error']}")
             continue
         partitions = found["partitions"]
@@ -212,7 +257,15 @@ def _check(app: App) -> int:
                 f"  [{p['partition']}] offsets {p['low']}..{p['high']}  committed {committed}  "
                 f"lag {p['lag']}  owner {owner}"
             )
-    return 0
+        if found["error"]:
+            print(f"  error: {found['error']}")
+    if unknown:
+        problems.insert(0, f"unknown topic(s): {', '.join(unknown)}")
+    for problem in problems:
+        print(f"fastconsume check: {problem}", file=sys.stderr)
+    if unknown:
+        return USAGE_ERROR
+    return RUN_FAILED if problems else 0
 
 
 def _list_plugins() -> int:

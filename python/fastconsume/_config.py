@@ -227,6 +227,22 @@ def _non_negative_integer(value: object, where: str) -> int:
     return _integer(value, where, 0)
 
 
+def _boolean(value: object, where: str) -> bool:
+    if not isinstance(value, bool):
+        _expected(where, "true or false", value)
+    return value
+
+
+_ENV_BOOLEANS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
+
+
+def _boolean_from_env(text: str, where: str) -> object:
+    value = _ENV_BOOLEANS.get(text.strip().lower())
+    if value is None:
+        _expected(where, "true or false", text)
+    return value
+
+
 def _integer_from_env(check: Check) -> EnvParse:
     def parse(text: str, where: str) -> object:
         try:
@@ -349,6 +365,7 @@ POSITIVE_INTEGER = Kind("integer ≥ 1", _positive_integer, _integer_from_env(_p
 NON_NEGATIVE_INTEGER = Kind("integer ≥ 0", _non_negative_integer, _integer_from_env(_non_negative_integer))
 POSITIVE_NUMBER = Kind("number > 0", _positive_number)
 DURATION = Kind("duration", _duration, _duration_from_env)
+BOOLEAN = Kind("boolean", _boolean, _boolean_from_env)
 BACKOFF = Kind("list of 2 durations", _backoff)
 ON_FAILURE = Kind(" or ".join(f'`"{choice}"`' for choice in _ON_FAILURE_CHOICES), _on_failure)
 PLUGINS = Kind("table of tables", _plugins)
@@ -423,6 +440,13 @@ TOP_LEVEL_KEYS: tuple[Key, ...] = (
         DURATION,
         _toml(DEFAULT_CONNECT_TIMEOUT),
         "How long to wait for the brokers' first answer before failing.",
+    ),
+    Key(
+        "wait_for_topics",
+        BOOLEAN,
+        "`false`",
+        "Whether a topic missing at start is waited for (with a warning naming it every 10 s) "
+        "instead of an error (`UnknownTopicError`, exit 2).",
     ),
     Key(
         "shutdown_timeout",

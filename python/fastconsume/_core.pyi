@@ -120,6 +120,7 @@ class Consumer:
         topics: list[str],
         kafka: list[tuple[str, str]],
         connect_timeout: float,
+        wait_for_topics: bool = False,
     ) -> Consumer: ...
     def run(
         self,
@@ -173,12 +174,14 @@ class _InspectPartition(TypedDict):
 
 class _InspectTopic(TypedDict):
     error: str | None
+    unknown: bool
     partitions: list[_InspectPartition]
 
 class _InspectReport(TypedDict):
     brokers: list[str]
     group: str
     group_state: str | None
+    group_error: str | None
     members: list[_InspectMember]
     topics: dict[str, _InspectTopic]
 

@@ -15,24 +15,40 @@ ConfigError topics must name at least one topic
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import ClassVar
 
 __all__ = [
     "ConfigError",
     "FastconsumeError",
+    "KafkaAuthenticationError",
     "KafkaConnectionError",
     "KafkaError",
+    "KafkaTLSError",
     "PartialFailure",
     "PluginError",
     "PluginSignatureError",
+    "UnknownTopicError",
 ]
 
 
 class FastconsumeError(Exception):
-    """Base class of every error fastconsume raises."""
+    """Base class of every error fastconsume raises.
+
+    ``exit_code`` is the ``fastconsume`` command's exit status when the error ends it: 1 (a
+    run failed) unless a subclass says otherwise.
+
+    >>> import fastconsume as fc
+    >>> fc.PluginError("x").exit_code, fc.UnknownTopicError("t").exit_code, fc.KafkaTLSError("y").exit_code
+    (1, 2, 5)
+    """
+
+    exit_code: ClassVar[int] = 1
 
 
 class ConfigError(FastconsumeError, ValueError):
     """A setting is invalid: an argument, a plugin option or a librdkafka property."""
+
+    exit_code: ClassVar[int] = 2
 
 
 class PluginSignatureError(ConfigError, TypeError):
@@ -41,8 +57,34 @@ class PluginSignatureError(ConfigError, TypeError):
     itself raises for a call that does not fit."""
 
 
+class UnknownTopicError(ConfigError):
+    """A topic to consume does not exist in the cluster (checked once, at start, within
+    ``connect_timeout``). The message names the missing topics. ``App(wait_for_topics=True)``
+    waits for them instead. A :class:`ConfigError`: the CLI exits with status 2."""
+
+
 class KafkaConnectionError(FastconsumeError, ConnectionError):
-    """The brokers could not be reached within ``connect_timeout``."""
+    """The brokers could not be reached within ``connect_timeout``. The message carries
+    librdkafka's last meaningful error (a failed resolve, a refused connection). The CLI
+    exits with status 3."""
+
+    exit_code: ClassVar[int] = 3
+
+
+class KafkaAuthenticationError(KafkaConnectionError):
+    """The brokers refused the credentials (SASL). Raised as soon as librdkafka reports it,
+    not after ``connect_timeout``; the message carries librdkafka's reason, never the
+    password. The CLI exits with status 4."""
+
+    exit_code: ClassVar[int] = 4
+
+
+class KafkaTLSError(KafkaConnectionError):
+    """The TLS connection failed: the broker's certificate did not verify (wrong or no CA),
+    or a plaintext client reached a TLS listener. Raised as soon as librdkafka reports it;
+    the CLI exits with status 5."""
+
+    exit_code: ClassVar[int] = 5
 
 
 class KafkaError(FastconsumeError):

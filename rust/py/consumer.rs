@@ -45,9 +45,10 @@ pub(super) fn source_config(
     topics: Vec<String>,
     kafka: Vec<(String, String)>,
     connect_timeout: f64,
+    wait_for_topics: bool,
 ) -> PyResult<SourceConfig> {
     let connect_timeout = duration(py, connect_timeout, "connect_timeout")?;
-    let config = SourceConfig { bootstrap, group, topics, kafka, connect_timeout };
+    let config = SourceConfig { bootstrap, group, topics, kafka, connect_timeout, wait_for_topics };
     config.validate().map_err(|e| to_pyerr(py, &e))?;
     Ok(config)
 }
@@ -55,7 +56,7 @@ pub(super) fn source_config(
 #[pymethods]
 impl PyConsumer {
     #[new]
-    #[pyo3(signature = (*, bootstrap, group, topics, kafka, connect_timeout))]
+    #[pyo3(signature = (*, bootstrap, group, topics, kafka, connect_timeout, wait_for_topics=false))]
     fn new(
         py: Python<'_>,
         bootstrap: String,
@@ -63,8 +64,9 @@ impl PyConsumer {
         topics: Vec<String>,
         kafka: Vec<(String, String)>,
         connect_timeout: f64,
+        wait_for_topics: bool,
     ) -> PyResult<Self> {
-        let config = source_config(py, bootstrap, group, topics, kafka, connect_timeout)?;
+        let config = source_config(py, bootstrap, group, topics, kafka, connect_timeout, wait_for_topics)?;
         Ok(PyConsumer { config, engine: Engine::default(), running: AtomicBool::new(false) })
     }
 

@@ -4,7 +4,7 @@
 
 use pyo3::prelude::*;
 
-use crate::errors::Error;
+use crate::errors::{ConnectFailure, Error};
 
 /// Instantiates `fastconsume.errors.<name>(message)` as a `PyErr`.
 pub fn exception(py: Python<'_>, name: &str, message: String) -> PyErr {
@@ -20,6 +20,9 @@ pub fn exception(py: Python<'_>, name: &str, message: String) -> PyErr {
 
 pub fn to_pyerr(py: Python<'_>, error: &Error) -> PyErr {
     let name = match error {
+        Error::Connect { failure: ConnectFailure::Authentication, .. } => "KafkaAuthenticationError",
+        Error::Connect { failure: ConnectFailure::Tls, .. } => "KafkaTLSError",
+        Error::UnknownTopics { .. } => "UnknownTopicError",
         Error::Config(_) | Error::Property { .. } => "ConfigError",
         Error::Connect { .. } => "KafkaConnectionError",
         Error::Kafka { .. } | Error::Delivery { .. } | Error::DeadLetter(_) => "KafkaError",

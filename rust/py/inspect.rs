@@ -20,7 +20,7 @@ fn inspect(
     kafka: Vec<(String, String)>,
     connect_timeout: f64,
 ) -> PyResult<Bound<'_, PyDict>> {
-    let config = source_config(py, bootstrap, group, topics, kafka, connect_timeout)?;
+    let config = source_config(py, bootstrap, group, topics, kafka, connect_timeout, false)?;
     let report = py.detach(|| crate::inspect::inspect(&config)).map_err(|e| to_pyerr(py, &e))?;
     to_dict(py, &report)
 }
@@ -54,6 +54,7 @@ fn to_dict<'py>(py: Python<'py>, report: &Report) -> PyResult<Bound<'py, PyDict>
         }
         let t = PyDict::new(py);
         t.set_item("error", &topic.error)?;
+        t.set_item("unknown", topic.unknown)?;
         t.set_item("partitions", partitions)?;
         topics.set_item(&topic.topic, t)?;
     }
@@ -61,6 +62,7 @@ fn to_dict<'py>(py: Python<'py>, report: &Report) -> PyResult<Bound<'py, PyDict>
     dict.set_item("brokers", &report.brokers)?;
     dict.set_item("group", &report.group)?;
     dict.set_item("group_state", &report.group_state)?;
+    dict.set_item("group_error", &report.group_error)?;
     dict.set_item("members", members)?;
     dict.set_item("topics", topics)?;
     Ok(dict)
