@@ -164,6 +164,8 @@ def _run_supervised(args: argparse.Namespace, config: Config, processes: int) ->
         command += ["--config", args.config]
     if args.idle_timeout is not None:
         command += ["--idle-timeout", str(args.idle_timeout)]
+    if args.log_level is not None:
+        command += ["--log-level", args.log_level]
     # Workers get their own shutdown_timeout to finish, and some to commit and leave.
     return supervise(command, processes, stop_timeout=app.shutdown_timeout + STOP_MARGIN)
 

@@ -137,7 +137,8 @@ class Config:
     """``MODULE:ATTR`` or ``path/to/file.py:ATTR`` of an App whose plugins run."""
     settings: dict[str, object]
     """``App(...)`` keyword arguments given: bootstrap, group, topics, kafka, rate_limit,
-    workers, connect_timeout, shutdown_timeout, revoke_timeout, dlq_timeout, progress_interval."""
+    workers, connect_timeout, shutdown_timeout, revoke_timeout, dlq_timeout, progress_interval,
+    wait_for_topics."""
     processes: int
     plugins: dict[str, dict[str, object]]
     """Plugin name -> ``App.plugin(...)`` options given (plus ``entry_point`` if given)."""

@@ -11,6 +11,7 @@ use pyo3::types::PyDict;
 
 use super::errors::to_pyerr;
 use super::lifecycle;
+use super::logs::{self, LOG_LINES_BEFORE_AN_ERROR};
 use super::plugins::{PluginFailure, PluginSpec, Plugins, RateLimitSpec};
 use crate::config::SourceConfig;
 use crate::engine::{Engine, RunError, RunOptions};
@@ -106,8 +107,14 @@ impl PyConsumer {
             dlq_timeout: duration(py, dlq_timeout, "dlq_timeout")?,
         };
         let plugins = Arc::new(Plugins::new(py, &plugins, event_loop));
-        let outcome =
-            lifecycle::detach(py, || self.engine.run(&self.config, &options, move |pool| plugins.serve(pool)));
+        let outcome = lifecycle::detach(py, || {
+            let outcome = self.engine.run(&self.config, &options, move |pool| plugins.serve(pool));
+            if outcome.is_err() {
+                // The lines logged on the way to the failure come before the exception.
+                logs::flush(LOG_LINES_BEFORE_AN_ERROR);
+            }
+            outcome
+        });
         match outcome {
             Ok(()) => Ok(()),
             Err(RunError::Core(error)) => Err(to_pyerr(py, &error)),

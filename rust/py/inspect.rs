@@ -5,6 +5,7 @@ use pyo3::types::{PyDict, PyList};
 
 use super::consumer::source_config;
 use super::errors::to_pyerr;
+use super::logs::{self, LOG_LINES_BEFORE_AN_ERROR};
 use crate::inspect::Report;
 
 /// Connects (each broker call bounded by `connect_timeout` seconds) and reports the brokers,
@@ -21,7 +22,15 @@ fn inspect(
     connect_timeout: f64,
 ) -> PyResult<Bound<'_, PyDict>> {
     let config = source_config(py, bootstrap, group, topics, kafka, connect_timeout, false)?;
-    let report = py.detach(|| crate::inspect::inspect(&config)).map_err(|e| to_pyerr(py, &e))?;
+    let report = py
+        .detach(|| {
+            let report = crate::inspect::inspect(&config);
+            if report.is_err() {
+                logs::flush(LOG_LINES_BEFORE_AN_ERROR); // the lines that led to it come first
+            }
+            report
+        })
+        .map_err(|e| to_pyerr(py, &e))?;
     to_dict(py, &report)
 }
 

@@ -62,6 +62,8 @@ impl Log for PythonLog {
 static LOGGER: OnceLock<PythonLog> = OnceLock::new();
 /// Records handed to the bridge and not emitted yet.
 static PENDING: AtomicUsize = AtomicUsize::new(0);
+/// How long an error raised from the core waits for the log lines queued before it.
+pub(super) const LOG_LINES_BEFORE_AN_ERROR: Duration = Duration::from_millis(500);
 
 /// Waits, at most `timeout`, until the bridge has emitted every record handed to it so far
 /// (the interpreter's exit waits for the lines of a run's last moments). Call it detached.
