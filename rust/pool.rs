@@ -160,7 +160,8 @@ pub struct Pool<E> {
     stop: Arc<AtomicBool>,
     consumer: Mutex<Weak<KafkaConsumer>>,
     wake_source: Mutex<Option<Wake>>,
-    dead_letters: Option<Arc<DeadLetters>>,
+    /// Taken at `close`, so the producer's threads end with the run, not with the app.
+    dead_letters: Mutex<Option<Arc<DeadLetters>>>,
     commit_interval: Duration,
     /// Itself, for dead-letter acknowledgements that arrive on librdkafka's thread.
     this: Weak<Pool<E>>,
@@ -243,7 +244,7 @@ impl<E: CallFailure + 'static> Pool<E> {
             stop,
             consumer: Mutex::new(Weak::new()),
             wake_source: Mutex::new(None),
-            dead_letters,
+            dead_letters: Mutex::new(dead_letters),
             commit_interval,
             this: this.clone(),
         }))
@@ -615,7 +616,7 @@ impl<E: CallFailure + 'static> Pool<E> {
         }
         // The messages before the first that failed are finished (the retry, dead letters or
         // stop concern only the failed ones and later): the lane's progress moves up to it.
-        if let Some(&first) = failed.first() {
+        if let Some(&first) = failed.first().filter(|&&first| Some(first) != chunk.index(0)) {
             self.advance(state, consumer, task.lane, chunk, chunk.batch.get(first).offset, wake);
         }
         let what = chunk.batch.describe(failed.len(), failed.first().copied(), failed.last().copied());
@@ -655,7 +656,7 @@ impl<E: CallFailure + 'static> Pool<E> {
                 backoff.as_secs_f64()
             ));
         }
-        if let (OnFailure::DeadLetter(topic), Some(_)) = (&policy.on_failure, &self.dead_letters) {
+        if let (OnFailure::DeadLetter(topic), Some(_)) = (&policy.on_failure, self.dead_letters()) {
             let message = format!(
                 "plugin {name:?} failed on {what} after {attempt} attempt(s): {cause}; writing them to {topic:?}"
             );
@@ -691,7 +692,7 @@ impl<E: CallFailure + 'static> Pool<E> {
     }
 
     fn send_dead_letters(&self, job: Box<DeadLetterJob>) {
-        let Some(dead_letters) = &self.dead_letters else { return };
+        let Some(dead_letters) = self.dead_letters() else { return };
         let pool = self.this.clone();
         let DeadLetterJob { topic, indexes, info, task } = *job;
         let count = indexes.len() as u64;
@@ -778,10 +779,17 @@ impl<E: CallFailure + 'static> Pool<E> {
         }
     }
 
-    /// Lets the workers exit.
+    fn dead_letters(&self) -> Option<Arc<DeadLetters>> {
+        self.dead_letters.lock().unwrap_or_else(PoisonError::into_inner).clone()
+    }
+
+    /// Lets the workers exit, and ends the dead-letter producer (the drain waited for its
+    /// writes): its threads must not outlive the run.
     pub fn close(&self) {
         self.lock().closed = true;
         self.work.notify_all();
+        let dead_letters = self.dead_letters.lock().unwrap_or_else(PoisonError::into_inner).take();
+        drop(dead_letters); // outside every lock: dropping it may run its callbacks, which lock
     }
 
     pub fn snapshot(&self) -> Snapshot {
