@@ -24,7 +24,7 @@ NONE_COMMITTED = -1001
 
 # `python app.py` or `fastconsume run app:app`; plugin `fast` has the default batch_size,
 # `slow` batch_size=100 and sleeps SLOW_SECONDS per call (1 s, as in the issue).
-APP = '''
+APP = """
 import os
 import time
 
@@ -60,7 +60,7 @@ def slow(batch):
 if __name__ == "__main__":
     idle = os.environ.get("IDLE")
     app.run(idle_timeout=float(idle) if idle else None)
-'''
+"""
 
 
 def read_ledger(path: Path) -> dict[int, list[int]]:

@@ -263,7 +263,7 @@ def test_a_plugin_returning_unfinished_work_fails_its_call(
     group = new_group()
     app = fc.App(cluster.bootstrap, group, [topic])
     app.add_plugin(plugin, name="p", retries=1, backoff=("10ms", "10ms"))
-    error, took = run_and_time(app)
+    error, _ = run_and_time(app)
     assert isinstance(error, fc.PluginError), repr(error)
     assert "(attempt 2)" in str(error), "the policy applies: retried once"
     assert isinstance(error.__cause__, TypeError)
@@ -276,7 +276,7 @@ def test_a_returned_value_is_ignored(mock_cluster: MockKafka) -> None:
     fill(mock_cluster, topic, 1, 100)
     group = new_group()
     app = fc.App(mock_cluster.bootstrap, group, [topic])
-    app.add_plugin(lambda batch: len(batch), name="returns_a_count", batch_size=30)
+    app.add_plugin(len, name="returns_a_count", batch_size=30)
     error, _ = run_and_time(app, idle_timeout=1.0)
     assert error is None
     assert committed(mock_cluster.bootstrap, group, topic, 1) == [100]
@@ -439,6 +439,36 @@ def baseline(mock_cluster: MockKafka) -> tuple[int, int]:
     return thread_counts()
 
 
+def failures_that_end_the_run(plugins: list[Spec], calls: dict[str, list[Call]], dlq: str) -> set[str]:
+    """The plugins whose calls the policies say end the run: an exit always does; another
+    failure does when its last attempt fails, unless the plugin dead-letters."""
+    final: set[str] = set()
+    for (name, plugin_calls), spec in zip(calls.items(), plugins, strict=True):
+        attempts = int(str(options(spec, dlq)["retries"])) + 1
+        for call in plugin_calls:
+            ends_run = call.action in FAILING and spec.policy != "dead_letter" and call.attempt == attempts
+            if call.action in FATAL or ends_run:
+                final.add(name)
+    return final
+
+
+def finished_or_dead_lettered(calls: dict[str, list[Call]], bootstrap: str, dlq: str) -> dict[str, dict[int, set[int]]]:
+    """Per plugin and partition, the offsets it finished or had dead-lettered (acknowledged:
+    they are in the topic)."""
+    done: dict[str, dict[int, set[int]]] = {name: {p: set() for p in range(PARTITIONS)} for name in calls}
+    for name, plugin_calls in calls.items():
+        for call in plugin_calls:
+            if call.action in {"ok", "value", "sleep"}:
+                done[name][call.partition].update(call.offsets)
+            elif call.action == "partial":
+                done[name][call.partition].update(set(call.offsets) - set(call.failed))
+    for message in read_topic(bootstrap, dlq):
+        headers = {k: v.decode() for k, v in message.headers() or [] if v is not None}
+        plugin, partition = headers["fastconsume.plugin"], int(headers["fastconsume.original.partition"])
+        done[plugin][partition].add(int(headers["fastconsume.original.offset"]))
+    return done
+
+
 @settings(
     max_examples=int(os.environ.get("FASTCONSUME_TEST_EXAMPLES", "30")),
     deadline=None,
@@ -463,34 +493,14 @@ def test_every_outcome_is_owned_and_commits_are_exactly_what_finished(
     error, took = run_and_time(app, idle_timeout=0.5)
     assert took < 15, f"the run took {took:.1f} s"
 
-    # The outcome the policies call for: an exit always fails the run; another failure does
-    # when its last attempt fails, unless the plugin dead-letters.
-    final: set[str] = set()
-    for (name, plugin_calls), spec in zip(calls.items(), plugins, strict=True):
-        attempts = int(str(options(spec, dlq)["retries"])) + 1
-        for call in plugin_calls:
-            ends_run = call.action in FAILING and spec.policy != "dead_letter" and call.attempt == attempts
-            if call.action in FATAL or ends_run:
-                final.add(name)
+    final = failures_that_end_the_run(plugins, calls, dlq)
     if final:
         assert isinstance(error, fc.PluginError), f"expected a PluginError from {sorted(final)}, got {error!r}"
         assert any(f'plugin "{name}"' in str(error) for name in final), str(error)
     else:
         assert error is None, f"expected a clean run, got {error!r}"
 
-    # What each plugin finished or had dead-lettered (acknowledged: it is in the topic).
-    done: dict[str, dict[int, set[int]]] = {name: {p: set() for p in range(PARTITIONS)} for name in calls}
-    for name, plugin_calls in calls.items():
-        for call in plugin_calls:
-            if call.action in {"ok", "value", "sleep"}:
-                done[name][call.partition].update(call.offsets)
-            elif call.action == "partial":
-                done[name][call.partition].update(set(call.offsets) - set(call.failed))
-    for message in read_topic(mock_cluster.bootstrap, dlq):
-        headers = {k: v.decode() for k, v in message.headers() or [] if v is not None}
-        plugin, partition = headers["fastconsume.plugin"], int(headers["fastconsume.original.partition"])
-        done[plugin][partition].add(int(headers["fastconsume.original.offset"]))
-
+    done = finished_or_dead_lettered(calls, mock_cluster.bootstrap, dlq)
     offsets = committed(mock_cluster.bootstrap, group, topic, PARTITIONS)
     for p in range(PARTITIONS):
         finished_by_all = 0
