@@ -95,6 +95,8 @@ def start_app(
             full_env["IDLE"] = str(idle)
     else:
         args = [sys.executable, "-m", "fastconsume", "run", "app:app"]
+        if how == "cli-processes-2":
+            args += ["--processes", "2"]
         if idle is not None:
             args += ["--idle-timeout", str(idle)]
     with log.open("wb") as out:
@@ -112,8 +114,8 @@ def wait_for_first_entries(popen: subprocess.Popen[bytes], ledger: Path, log: Pa
 
 @pytest.mark.parametrize(
     ("how", "signum"),
-    [("python", signal.SIGINT), ("cli", signal.SIGTERM)],
-    ids=["python-app-SIGINT", "fastconsume-run-SIGTERM"],
+    [("python", signal.SIGINT), ("cli", signal.SIGTERM), ("cli-processes-2", signal.SIGINT)],
+    ids=["python-app-SIGINT", "fastconsume-run-SIGTERM", "fastconsume-run-processes-2-SIGINT"],
 )
 def test_a_stop_commits_everything_both_plugins_finished_and_a_rerun_redoes_none_of_it(
     real_cluster: RealCluster, tmp_path: Path, how: str, signum: signal.Signals

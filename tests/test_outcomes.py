@@ -193,6 +193,20 @@ def test_other_base_exceptions_are_failures_under_the_plugins_policy(mock_cluste
     assert committed(mock_cluster.bootstrap, group, topic, 1) == [20]
 
 
+def test_an_async_plugin_cancelling_itself_is_a_failure_that_says_so(mock_cluster: MockKafka) -> None:
+    topic = mock_cluster.create_topic(1)
+    fill(mock_cluster, topic, 1, 10)
+    app = fc.App(mock_cluster.bootstrap, new_group(), [topic])
+
+    @app.plugin(retries=0)
+    async def cancels(batch: fc.Batch) -> None:
+        raise asyncio.CancelledError
+
+    error, _ = run_and_time(app)
+    assert isinstance(error, fc.PluginError), repr(error)
+    assert "was cancelled, not by its deadline" in str(error)
+
+
 # --- case 2: plugins whose body never runs ----------------------------------------------
 
 

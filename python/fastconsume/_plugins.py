@@ -413,7 +413,7 @@ class AsyncLoop:
             with self._lock:
                 if self._pending.pop(key, None) is None:
                     return  # reported already, by a dying loop
-            done(_outcome(task, plugin))
+            done(_outcome(task, plugin, call.deadline_passed))
 
         def begin() -> None:
             call.task = self._loop.create_task(_awaited(func, batch))
@@ -448,9 +448,12 @@ class _Exited:
     error: BaseException
 
 
-def _outcome(task: asyncio.Task[object], plugin: str) -> Outcome:
+def _outcome(task: asyncio.Task[object], plugin: str, deadline_passed: bool) -> Outcome:
     if task.cancelled():
-        return Outcome(None, was_cancelled=True)
+        if deadline_passed:
+            return Outcome(None, was_cancelled=True)
+        # Not by its deadline: the plugin cancelled itself, or let a CancelledError through.
+        return Outcome(asyncio.CancelledError(f"plugin {plugin!r} was cancelled, not by its deadline"))
     error = task.exception()
     if error is not None:
         return Outcome(error)
@@ -481,8 +484,10 @@ class AsyncCall:
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
         self.task: asyncio.Task[object] | None = None
+        self.deadline_passed = False
 
     def cancel(self) -> None:
+        self.deadline_passed = True
         # Scheduled after the call's own start (the loop runs callbacks in order).
         self._loop.call_soon_threadsafe(lambda: self.task is not None and self.task.cancel())
 
