@@ -5,8 +5,9 @@
 //! threads, the caller's thread, which waits, and a dead-letter producer when a plugin has a
 //! dead-letter topic. Their number does not change during a run.
 //!
-//! Delivery: at least once. A batch's offsets are stored only after every plugin finished
-//! it; stored offsets are committed synchronously on revoke and at the end.
+//! Delivery: at least once. A partition's offset is stored up to where every plugin has
+//! finished its calls (see `offsets`); stored offsets are committed synchronously on revoke
+//! and at the end, after the drain, so what finished while it waited is included.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};

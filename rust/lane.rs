@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use crate::batch::{Batch, Partition};
 use crate::limit::{Limiter, RateLimit};
-use crate::offsets::BatchId;
+use crate::offsets::Epoch;
 use crate::stats::LaneStats;
 use crate::timer::TimerKey;
 
@@ -97,12 +97,12 @@ impl LaneOptions {
 }
 
 /// The messages of one call: a slice of a fetched batch, or after a partial failure the
-/// positions in the batch that failed. `last` marks the chunk that finishes the batch for
-/// this lane; `attempt` counts calls on it, from 1.
+/// positions in the batch that failed. `last` marks the chunk that ends the batch for this
+/// lane; `attempt` counts calls on it, from 1; `epoch` is its partition's assignment.
 #[derive(Debug)]
 pub struct Chunk {
     pub batch: Arc<Batch>,
-    pub id: BatchId,
+    pub epoch: Epoch,
     pub range: Range<usize>,
     pub subset: Option<Arc<[u32]>>,
     pub last: bool,
@@ -116,6 +116,12 @@ impl Chunk {
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    /// The offset after the slice's last message: once the chunk is finished (a retry of
+    /// part of it included), the lane has finished its partition up to there.
+    pub fn next_offset(&self) -> i64 {
+        self.range.end.checked_sub(1).map_or(self.batch.first_offset(), |i| self.batch.get(i).offset + 1)
     }
 
     /// Positions in the batch of the messages, in offset order.
@@ -232,7 +238,7 @@ impl Lane {
     }
 
     /// Queues `batch` in slices of the lane's batch size.
-    pub fn push(&mut self, batch: &Arc<Batch>, id: BatchId) {
+    pub fn push(&mut self, batch: &Arc<Batch>, epoch: Epoch) {
         let queue = self.partitions.entry(batch.partition().clone()).or_default();
         let was_idle = queue.chunks.is_empty() && !queue.busy();
         let mut start = 0;
@@ -240,7 +246,7 @@ impl Lane {
             let end = (start + self.options.batch_size).min(batch.len());
             queue.chunks.push_back(Chunk {
                 batch: batch.clone(),
-                id,
+                epoch,
                 range: start..end,
                 subset: None,
                 last: end == batch.len(),
@@ -423,14 +429,16 @@ mod tests {
         }
     }
 
-    fn id(tracker: &mut OffsetTracker, b: &Batch) -> BatchId {
-        tracker.assign([b.partition().clone()]);
-        tracker.track(b.partition(), b.last_offset(), 1).expect("assigned")
+    fn id(tracker: &mut OffsetTracker, b: &Batch) -> Epoch {
+        if !tracker.is_assigned(b.partition()) {
+            tracker.assign([b.partition().clone()]);
+        }
+        tracker.epoch(b.partition()).expect("assigned")
     }
 
     #[test]
     fn slices_by_batch_size_and_runs_one_call_per_partition_in_order() {
-        let mut tracker = OffsetTracker::default();
+        let mut tracker = OffsetTracker::new(1);
         let mut l = lane(4, 2, 100);
         let b = batch(0, 0, 10);
         l.push(&b, id(&mut tracker, &b));
@@ -449,7 +457,7 @@ mod tests {
 
     #[test]
     fn different_partitions_run_in_parallel_up_to_concurrency() {
-        let mut tracker = OffsetTracker::default();
+        let mut tracker = OffsetTracker::new(1);
         let mut l = lane(100, 2, 1_000);
         for p in 0..3 {
             let b = batch(p, 0, 5);
@@ -465,14 +473,14 @@ mod tests {
 
     #[test]
     fn refuses_past_its_bound_and_admits_again_below_half() {
-        let mut tracker = OffsetTracker::default();
+        let mut tracker = OffsetTracker::new(1);
         let mut l = lane(10, 1, 20);
         let b1 = batch(0, 0, 10);
         assert!(l.admits(&b1), "an empty lane admits");
         l.push(&b1, id(&mut tracker, &b1));
         let b2 = batch(0, 10, 10);
         assert!(l.admits(&b2), "fits exactly");
-        l.push(&b2, tracker.track(b2.partition(), 19, 1).expect("assigned"));
+        l.push(&b2, id(&mut tracker, &b2));
         let b3 = batch(0, 20, 1);
         assert!(!l.admits(&b3), "full");
         let c = take(&mut l).expect("ready");
@@ -484,7 +492,7 @@ mod tests {
 
     #[test]
     fn dropping_one_partitions_work_keeps_the_others() {
-        let mut tracker = OffsetTracker::default();
+        let mut tracker = OffsetTracker::new(1);
         let mut l = lane(5, 1, 100);
         let (b0, b1) = (batch(0, 0, 10), batch(1, 0, 10));
         l.push(&b0, id(&mut tracker, &b0));
@@ -502,7 +510,7 @@ mod tests {
 
     #[test]
     fn dropping_waiting_chunks_keeps_the_running_call() {
-        let mut tracker = OffsetTracker::default();
+        let mut tracker = OffsetTracker::new(1);
         let mut l = lane(5, 1, 100);
         let b = batch(0, 0, 15);
         l.push(&b, id(&mut tracker, &b));

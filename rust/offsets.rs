@@ -1,43 +1,79 @@
-//! Which offsets may be stored. A partition's stored offset moves past a message only when
-//! every lane has finished the batch holding it, and every batch fetched before it on that
-//! partition. Batches may finish out of order across lanes; offsets may have gaps. Nothing
-//! here is per message.
+//! Which offsets may be stored. Completion is tracked per partition and per lane, at the
+//! granularity of a call: a partition's stored offset is the highest offset below which every
+//! lane has finished (or dead-lettered, acknowledged) every message, whatever the size of the
+//! batches they were fetched in.
+//!
+//! Each lane runs at most one call per partition at a time, in offset order, and a failed
+//! call's retry waits at the head of its partition's queue. So each lane's "finished up to"
+//! offset of a partition only grows, and the offset that may be stored is the minimum over
+//! lanes of it. A lane whose call failed for good (stop policy, or a dead-letter write that
+//! failed) is frozen on that partition: its offset no longer moves this assignment, so
+//! nothing from the failed call on is stored. Offsets may have gaps (compaction): a lane's
+//! offset is the one after the last message of its last finished call, and the consumer
+//! reading from there gets the next message that exists.
+//!
+//! Each assignment of a partition has its own epoch; a call from an earlier assignment (it
+//! ran past a revoke) never stores. Nothing here is per message, and the cost of a
+//! completion is one pass over the lanes.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 
 use crate::batch::Partition;
 
-/// Identifies a tracked batch. Ids are never reused, so a batch fetched before a revoke can
-/// never complete an entry of the partition's next assignment.
+/// Identifies one assignment of a partition. Epochs are never reused, so work fetched before
+/// a revoke can never complete anything of the partition's next assignment.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct BatchId(u64);
+pub struct Epoch(u64);
 
 #[derive(Debug)]
-struct Pending {
-    batch: BatchId,
-    last: i64,
-    /// Lanes that have not finished this batch.
-    remaining: u32,
-    /// A lane failed part of it: it never finishes, so nothing at or after it is stored.
-    failed: bool,
+struct Progress {
+    epoch: Epoch,
+    /// Per lane: the offset after the last message of its last finished call; `None` until
+    /// its first call on this partition finished.
+    done: Box<[Option<i64>]>,
+    /// Per lane: a call failed for good; `done` stays where it is.
+    frozen: Box<[bool]>,
+    /// The offset last handed out to be stored.
+    stored: Option<i64>,
 }
 
-/// Tracks unfinished batches per assigned partition.
-#[derive(Debug, Default)]
+impl Progress {
+    /// The minimum over lanes of what they finished, once every lane finished something.
+    fn finished(&self) -> Option<i64> {
+        self.done.iter().try_fold(i64::MAX, |low, done| done.map(|d| low.min(d)))
+    }
+}
+
+/// Tracks, per assigned partition, how far each lane has finished.
+#[derive(Debug)]
 pub struct OffsetTracker {
-    partitions: HashMap<Partition, VecDeque<Pending>>,
-    next_id: u64,
+    lanes: usize,
+    partitions: HashMap<Partition, Progress>,
+    next_epoch: u64,
 }
 
 impl OffsetTracker {
-    /// Starts tracking newly assigned partitions, with nothing in flight.
+    /// A tracker for `lanes` lanes, every one of which sees every message.
+    pub fn new(lanes: usize) -> Self {
+        OffsetTracker { lanes, partitions: HashMap::new(), next_epoch: 0 }
+    }
+
+    /// Starts tracking newly assigned partitions, with nothing finished, each in a new epoch.
     pub fn assign(&mut self, partitions: impl IntoIterator<Item = Partition>) {
         for partition in partitions {
-            self.partitions.insert(partition, VecDeque::new());
+            let epoch = Epoch(self.next_epoch);
+            self.next_epoch += 1;
+            let progress = Progress {
+                epoch,
+                done: vec![None; self.lanes].into_boxed_slice(),
+                frozen: vec![false; self.lanes].into_boxed_slice(),
+                stored: None,
+            };
+            self.partitions.insert(partition, progress);
         }
     }
 
-    /// Forgets revoked partitions; their unfinished batches will complete into nothing.
+    /// Forgets revoked partitions; their calls still running will complete into nothing.
     pub fn revoke<'a>(&mut self, partitions: impl IntoIterator<Item = &'a Partition>) {
         for partition in partitions {
             self.partitions.remove(partition);
@@ -48,47 +84,50 @@ impl OffsetTracker {
         self.partitions.contains_key(partition)
     }
 
-    /// Registers a fetched batch ending at offset `last` that `lanes` lanes must finish.
-    /// Returns `None` if the partition is not assigned (it was revoked meanwhile).
-    pub fn track(&mut self, partition: &Partition, last: i64, lanes: u32) -> Option<BatchId> {
-        let pending = self.partitions.get_mut(partition)?;
-        debug_assert!(pending.back().is_none_or(|p| p.last < last), "fetch order is offset order");
-        let id = BatchId(self.next_id);
-        self.next_id += 1;
-        pending.push_back(Pending { batch: id, last, remaining: lanes, failed: false });
-        Some(id)
+    /// The partition's current epoch, for the work fetched now; `None` if it is not assigned
+    /// (it was revoked meanwhile).
+    pub fn epoch(&self, partition: &Partition) -> Option<Epoch> {
+        self.partitions.get(partition).map(|p| p.epoch)
     }
 
-    /// One lane finished the batch. Returns the offset that may now be stored for the
+    /// Whether work of `epoch` still counts: its partition was not revoked since.
+    pub fn tracks(&self, partition: &Partition, epoch: Epoch) -> bool {
+        self.progress(partition, epoch).is_some()
+    }
+
+    fn progress(&self, partition: &Partition, epoch: Epoch) -> Option<&Progress> {
+        self.partitions.get(partition).filter(|p| p.epoch == epoch)
+    }
+
+    fn progress_mut(&mut self, partition: &Partition, epoch: Epoch) -> Option<&mut Progress> {
+        self.partitions.get_mut(partition).filter(|p| p.epoch == epoch)
+    }
+
+    /// Lane `lane` finished every message of the partition before offset `next` (the offset
+    /// after its call's last message). Returns the offset that may now be stored for the
     /// partition (the next one to read, as Kafka expects), if it moved.
-    pub fn complete(&mut self, partition: &Partition, id: BatchId) -> Option<i64> {
-        let pending = self.partitions.get_mut(partition)?;
-        let entry = pending.iter_mut().find(|p| p.batch == id)?;
-        debug_assert!(entry.remaining > 0, "a lane finishes a batch once");
-        entry.remaining = entry.remaining.saturating_sub(1);
-        let mut advanced_to = None;
-        while pending.front().is_some_and(|p| p.remaining == 0 && !p.failed) {
-            advanced_to = pending.pop_front().map(|p| p.last + 1);
+    pub fn complete(&mut self, partition: &Partition, epoch: Epoch, lane: usize, next: i64) -> Option<i64> {
+        let progress = self.progress_mut(partition, epoch)?;
+        if *progress.frozen.get(lane)? {
+            return None;
         }
-        advanced_to
-    }
-
-    /// A lane failed part of the batch: its offsets, and those after it on the partition,
-    /// are never stored this assignment, whatever other lanes or later slices do.
-    pub fn fail(&mut self, partition: &Partition, id: BatchId) {
-        if let Some(entry) = self.partitions.get_mut(partition).and_then(|q| q.iter_mut().find(|p| p.batch == id)) {
-            entry.failed = true;
+        let done = progress.done.get_mut(lane)?;
+        debug_assert!(done.is_none_or(|d| d <= next), "a lane finishes a partition in offset order");
+        *done = Some(done.map_or(next, |d| d.max(next)));
+        let finished = progress.finished()?;
+        if progress.stored.is_some_and(|stored| stored >= finished) {
+            return None;
         }
+        progress.stored = Some(finished);
+        Some(finished)
     }
 
-    /// Whether the batch is still tracked: its partition was not revoked since it was fetched.
-    pub fn tracks(&self, partition: &Partition, id: BatchId) -> bool {
-        self.partitions.get(partition).is_some_and(|q| q.iter().any(|p| p.batch == id))
-    }
-
-    /// Unfinished batches, over all partitions.
-    pub fn unfinished(&self) -> usize {
-        self.partitions.values().map(VecDeque::len).sum()
+    /// Lane `lane` failed a call on the partition for good: from that call on, nothing of the
+    /// partition is stored this assignment, whatever the other lanes or later calls do.
+    pub fn fail(&mut self, partition: &Partition, epoch: Epoch, lane: usize) {
+        if let Some(frozen) = self.progress_mut(partition, epoch).and_then(|p| p.frozen.get_mut(lane)) {
+            *frozen = true;
+        }
     }
 
     pub fn assigned(&self) -> impl Iterator<Item = &Partition> {
@@ -106,59 +145,123 @@ mod tests {
         Partition { topic: Arc::from("t"), partition }
     }
 
-    #[test]
-    fn a_batch_is_stored_once_every_lane_finished_it() {
-        let mut t = OffsetTracker::default();
-        t.assign([p(0)]);
-        let a = t.track(&p(0), 9, 2).expect("assigned");
-        assert_eq!(t.complete(&p(0), a), None, "one lane of two");
-        assert_eq!(t.complete(&p(0), a), Some(10));
-        assert_eq!(t.unfinished(), 0);
+    fn tracker(lanes: usize, partitions: &[i32]) -> OffsetTracker {
+        let mut t = OffsetTracker::new(lanes);
+        t.assign(partitions.iter().map(|&i| p(i)));
+        t
+    }
+
+    fn epoch(t: &OffsetTracker, partition: i32) -> Epoch {
+        t.epoch(&p(partition)).expect("assigned")
     }
 
     #[test]
-    fn a_later_batch_waits_for_the_earlier_one_across_gaps() {
-        let mut t = OffsetTracker::default();
-        t.assign([p(0)]);
-        let a = t.track(&p(0), 4, 1).expect("assigned");
-        let b = t.track(&p(0), 9, 1).expect("assigned"); // 5 and 6 were compacted away
-        assert_eq!(t.complete(&p(0), b), None);
-        assert_eq!(t.complete(&p(0), a), Some(10));
+    fn an_offset_is_stored_once_every_lane_finished_it() {
+        let mut t = tracker(2, &[0]);
+        let e = epoch(&t, 0);
+        assert_eq!(t.complete(&p(0), e, 0, 10), None, "one lane of two");
+        assert_eq!(t.complete(&p(0), e, 1, 10), Some(10));
+        assert_eq!(t.complete(&p(0), e, 1, 10), None, "nothing moved");
+    }
+
+    #[test]
+    fn the_stored_offset_is_the_slowest_lanes_progress_call_by_call() {
+        // Lane 0 finished a whole fetched batch of 500; lane 1 calls in chunks of 100. Each of
+        // lane 1's calls moves the stored offset, without waiting for the fetched batch.
+        let mut t = tracker(2, &[0]);
+        let e = epoch(&t, 0);
+        assert_eq!(t.complete(&p(0), e, 0, 500), None);
+        for next in [100, 200, 300] {
+            assert_eq!(t.complete(&p(0), e, 1, next), Some(next), "lane 1 at {next}");
+        }
+        assert_eq!(t.complete(&p(0), e, 0, 1000), None, "lane 1 is the slowest");
+        assert_eq!(t.complete(&p(0), e, 1, 700), Some(700));
+        assert_eq!(t.complete(&p(0), e, 1, 1200), Some(1000), "now lane 0 is");
+    }
+
+    #[test]
+    fn boundaries_plus_minus_one() {
+        for (a, b) in [(99, 100), (100, 100), (101, 100)] {
+            let mut t = tracker(2, &[0]);
+            let e = epoch(&t, 0);
+            t.complete(&p(0), e, 0, a);
+            assert_eq!(t.complete(&p(0), e, 1, b), Some(a.min(b)), "lanes at {a} and {b}");
+        }
+    }
+
+    #[test]
+    fn gaps_in_offsets_do_not_hold_anything_back() {
+        // Offsets 5 and 6 were compacted away: lane 0's call ended at 4, its next began at 7.
+        let mut t = tracker(1, &[0]);
+        let e = epoch(&t, 0);
+        assert_eq!(t.complete(&p(0), e, 0, 5), Some(5));
+        assert_eq!(t.complete(&p(0), e, 0, 10), Some(10));
     }
 
     #[test]
     fn partitions_advance_independently() {
-        let mut t = OffsetTracker::default();
-        t.assign([p(0), p(1)]);
-        let a = t.track(&p(0), 4, 1).expect("assigned");
-        let b = t.track(&p(1), 7, 1).expect("assigned");
-        assert_eq!(t.complete(&p(1), b), Some(8));
-        assert_eq!(t.complete(&p(0), a), Some(5));
+        let mut t = tracker(1, &[0, 1]);
+        let (e0, e1) = (epoch(&t, 0), epoch(&t, 1));
+        assert_ne!(e0, e1);
+        assert_eq!(t.complete(&p(1), e1, 0, 8), Some(8));
+        assert_eq!(t.complete(&p(0), e0, 0, 5), Some(5));
     }
 
     #[test]
-    fn a_failed_batch_is_never_stored_even_if_its_lanes_count_down() {
-        let mut t = OffsetTracker::default();
-        t.assign([p(0)]);
-        let a = t.track(&p(0), 9, 2).expect("assigned");
-        let b = t.track(&p(0), 19, 1).expect("assigned");
-        t.fail(&p(0), a);
-        assert_eq!(t.complete(&p(0), a), None);
-        assert_eq!(t.complete(&p(0), a), None, "every lane finished, but one failed part of it");
-        assert_eq!(t.complete(&p(0), b), None, "nothing after a failed batch is stored");
+    fn a_failed_lane_freezes_the_partition_where_it_failed() {
+        let mut t = tracker(2, &[0, 1]);
+        let (e0, e1) = (epoch(&t, 0), epoch(&t, 1));
+        assert_eq!(t.complete(&p(0), e0, 0, 100), None);
+        assert_eq!(t.complete(&p(0), e0, 1, 50), Some(50));
+        t.fail(&p(0), e0, 1); // lane 1's call on 50.. failed for good
+        assert_eq!(t.complete(&p(0), e0, 0, 200), None);
+        assert_eq!(t.complete(&p(0), e0, 1, 200), None, "a later call of the failed lane does not store");
+        assert_eq!(t.complete(&p(1), e1, 0, 7), None, "other partitions go on");
+        assert_eq!(t.complete(&p(1), e1, 1, 7), Some(7));
     }
 
     #[test]
-    fn revoked_partitions_are_never_stored_even_after_reassignment() {
-        let mut t = OffsetTracker::default();
-        t.assign([p(0)]);
-        let old = t.track(&p(0), 9, 1).expect("assigned");
+    fn a_lane_that_failed_before_finishing_anything_stores_nothing() {
+        let mut t = tracker(2, &[0]);
+        let e = epoch(&t, 0);
+        t.fail(&p(0), e, 0);
+        assert_eq!(t.complete(&p(0), e, 1, 100), None);
+        assert_eq!(t.complete(&p(0), e, 0, 100), None);
+    }
+
+    #[test]
+    fn revoked_partitions_never_store_even_after_reassignment() {
+        let mut t = tracker(1, &[0]);
+        let old = epoch(&t, 0);
         t.revoke([&p(0)]);
         assert!(!t.is_assigned(&p(0)));
-        assert_eq!(t.track(&p(0), 12, 1), None, "not assigned");
+        assert_eq!(t.epoch(&p(0)), None, "not assigned");
+        assert_eq!(t.complete(&p(0), old, 0, 10), None);
         t.assign([p(0)]);
-        let new = t.track(&p(0), 4, 1).expect("assigned");
-        assert_eq!(t.complete(&p(0), old), None, "a stale batch must not store");
-        assert_eq!(t.complete(&p(0), new), Some(5));
+        let new = epoch(&t, 0);
+        assert!(!t.tracks(&p(0), old) && t.tracks(&p(0), new));
+        assert_eq!(t.complete(&p(0), old, 0, 10), None, "a stale call must not store");
+        t.fail(&p(0), old, 0);
+        assert_eq!(t.complete(&p(0), new, 0, 5), Some(5), "nor freeze the new assignment");
+    }
+
+    #[test]
+    fn a_reassigned_partition_starts_from_nothing_finished() {
+        let mut t = tracker(2, &[0]);
+        let old = epoch(&t, 0);
+        t.complete(&p(0), old, 0, 10);
+        t.revoke([&p(0)]);
+        t.assign([p(0)]);
+        let new = epoch(&t, 0);
+        assert_eq!(t.complete(&p(0), new, 1, 10), None, "lane 0's old progress is forgotten");
+    }
+
+    #[test]
+    fn an_unknown_lane_is_ignored() {
+        let mut t = tracker(1, &[0]);
+        let e = epoch(&t, 0);
+        assert_eq!(t.complete(&p(0), e, 3, 10), None);
+        t.fail(&p(0), e, 3);
+        assert_eq!(t.complete(&p(0), e, 0, 10), Some(10));
     }
 }

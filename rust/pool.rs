@@ -8,9 +8,11 @@
 //! for running calls (revoke, shutdown) drives it while it waits. Scheduling an entry
 //! earlier than the driver's next wake-up wakes it.
 //!
-//! Delivery: a batch's offset is stored only once every lane has finished it (see
-//! `offsets`): a call succeeded, or its failed messages were written to the lane's
-//! dead-letter topic and acknowledged. A failed call is retried for its lane alone.
+//! Delivery: a partition's offset is stored up to where every lane has finished its calls
+//! (see `offsets`), call by call: a call succeeded, or its failed messages were written to
+//! the lane's dead-letter topic and acknowledged. A failed call is retried for its lane
+//! alone. A call that asked the process to exit (`CallFailure::fatal`) ends the run whatever
+//! the lane's policy, and is neither retried nor dead-lettered.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -39,6 +41,11 @@ pub trait CallFailure: Send {
     fn kind(&self) -> String;
     /// The error's message, for dead-letter headers and logs.
     fn detail(&self) -> String;
+    /// The call asked the process to exit (or its runtime died under it): the run ends with
+    /// it whatever the lane's retry policy, and its messages stay unfinished.
+    fn fatal(&self) -> bool {
+        false
+    }
 }
 
 /// Cancels an asynchronous call (at its deadline).
@@ -183,7 +190,8 @@ pub struct Pool<E> {
     stop: Arc<AtomicBool>,
     consumer: Mutex<Weak<KafkaConsumer>>,
     wake_source: Mutex<Option<Wake>>,
-    dead_letters: Option<Arc<DeadLetters>>,
+    /// Taken at `close`, so the producer's threads end with the run, not with the app.
+    dead_letters: Mutex<Option<Arc<DeadLetters>>>,
     commit_interval: Duration,
     /// Itself, for dead-letter acknowledgements that arrive on librdkafka's thread.
     this: Weak<Pool<E>>,
@@ -240,9 +248,9 @@ impl<E: CallFailure + 'static> Pool<E> {
         let lanes = lanes.into_iter().map(Lane::new).collect::<CoreResult<Vec<_>>>()?;
         Ok(Arc::new_cyclic(|this| Pool {
             state: Mutex::new(State {
+                tracker: OffsetTracker::new(lanes.len()),
                 lanes,
                 next_lane: 0,
-                tracker: OffsetTracker::default(),
                 timers: TimerWheel::new(Instant::now()),
                 timers_peak: 0,
                 driver_wakes_at: None,
@@ -268,7 +276,7 @@ impl<E: CallFailure + 'static> Pool<E> {
             stop,
             consumer: Mutex::new(Weak::new()),
             wake_source: Mutex::new(None),
-            dead_letters,
+            dead_letters: Mutex::new(dead_letters),
             commit_interval,
             this: this.clone(),
         }))
@@ -310,6 +318,13 @@ impl<E: CallFailure + 'static> Pool<E> {
         drop(self.lock());
         self.progress.notify_all();
         self.wake_source();
+    }
+
+    /// A thread the run relies on (a worker, the event loop of async plugins) ended: the
+    /// run fails with `error` instead of waiting for calls that would never complete.
+    pub fn fail_run(&self, error: Error) {
+        self.lock().source_error.get_or_insert(error);
+        self.request_stop();
     }
 
     fn wake_source(&self) {
@@ -508,8 +523,8 @@ impl<E: CallFailure + 'static> Pool<E> {
         cancel();
     }
 
-    /// A call returned. On success, the batch is finished for this lane when its last
-    /// chunk is; the offset is stored once every lane finished it. On failure the lane's
+    /// A call returned. On success, the lane has finished its partition up to the call's
+    /// last message; the offset is stored up to where every lane has. On failure the lane's
     /// retry policy decides: retry after a backoff, dead-letter, or end the run.
     pub fn complete(&self, task: Task, outcome: Result<(), E>, took: Duration) {
         // Taken before the lock so that, if this is the last handle (shutdown racing a late
@@ -559,8 +574,7 @@ impl<E: CallFailure + 'static> Pool<E> {
         self.progress.notify_all();
     }
 
-    /// The lane is done with a task's chunk: its batch may be finished, and its offset
-    /// stored.
+    /// The lane is done with a task's chunk: the partition's offset may move, and be stored.
     fn finish(&self, state: &mut State<E>, consumer: Option<&Arc<KafkaConsumer>>, task: &Task, wake: &mut bool) {
         let lane = &mut state.lanes[task.lane];
         lane.finish(&task.chunk);
@@ -568,11 +582,24 @@ impl<E: CallFailure + 'static> Pool<E> {
             state.source_waits_for_room = false;
             *wake = true;
         }
-        if !task.chunk.last {
-            return;
-        }
-        let partition = task.chunk.batch.partition();
-        if let (Some(offset), Some(consumer)) = (state.tracker.complete(partition, task.chunk.id), consumer) {
+        let chunk = &task.chunk;
+        self.advance(state, consumer, task.lane, chunk, chunk.next_offset(), wake);
+    }
+
+    /// The lane has finished `chunk`'s partition up to `next`: store the partition's offset if
+    /// that moved it, and have it committed soon.
+    fn advance(
+        &self,
+        state: &mut State<E>,
+        consumer: Option<&Arc<KafkaConsumer>>,
+        lane: usize,
+        chunk: &Chunk,
+        next: i64,
+        wake: &mut bool,
+    ) {
+        let partition = chunk.batch.partition();
+        let moved = state.tracker.complete(partition, chunk.epoch, lane, next);
+        if let (Some(offset), Some(consumer)) = (moved, consumer) {
             // Under the lock, so a revoke cannot slip between the decision and the store.
             store(consumer, partition, offset);
             upsert(&mut state.stored, partition, offset);
@@ -605,7 +632,10 @@ impl<E: CallFailure + 'static> Pool<E> {
             },
             None => chunk.indexes(),
         };
-        if !state.tracker.tracks(chunk.batch.partition(), chunk.id) {
+        if error.fatal() {
+            return self.stop_with(state, task, error);
+        }
+        if !state.tracker.tracks(chunk.batch.partition(), chunk.epoch) {
             // Revoked while the call ran (past revoke_timeout): the partition's new owner
             // handles these messages; retrying or dead-lettering them here would duplicate.
             state.lanes[task.lane].finish(chunk);
@@ -621,6 +651,11 @@ impl<E: CallFailure + 'static> Pool<E> {
             self.finish(state, consumer, &task, wake);
             return Failed::Retrying(format!("plugin {name:?} reported a partial failure of no message"));
         }
+        // The messages before the first that failed are finished (the retry, dead letters or
+        // stop concern only the failed ones and later): the lane's progress moves up to it.
+        if let Some(&first) = failed.first().filter(|&&first| Some(first) != chunk.index(0)) {
+            self.advance(state, consumer, task.lane, chunk, chunk.batch.get(first).offset, wake);
+        }
         let what = chunk.batch.describe(failed.len(), failed.first().copied(), failed.last().copied());
         let attempt = chunk.attempt;
         let cause = format!("{}: {}", error.kind(), error.detail());
@@ -634,7 +669,7 @@ impl<E: CallFailure + 'static> Pool<E> {
                 .then(|| failed.iter().map(|&i| i as u32).collect::<Arc<[u32]>>());
             let retry = Chunk {
                 batch: chunk.batch.clone(),
-                id: chunk.id,
+                epoch: chunk.epoch,
                 range: chunk.range.clone(),
                 subset,
                 last: chunk.last,
@@ -658,7 +693,7 @@ impl<E: CallFailure + 'static> Pool<E> {
                 backoff.as_secs_f64()
             ));
         }
-        if let (OnFailure::DeadLetter(topic), Some(_)) = (&policy.on_failure, &self.dead_letters) {
+        if let (OnFailure::DeadLetter(topic), Some(_)) = (&policy.on_failure, self.dead_letters()) {
             let message = format!(
                 "plugin {name:?} failed on {what} after {attempt} attempt(s): {cause}; writing them to {topic:?}"
             );
@@ -671,14 +706,19 @@ impl<E: CallFailure + 'static> Pool<E> {
             let job = DeadLetterJob { topic: topic.clone(), indexes: failed, info, task };
             return Failed::DeadLetter(Box::new(job), message);
         }
-        // Stop: the batch is never stored, and the run ends with the error.
+        self.stop_with(state, task, error)
+    }
+
+    /// Stop: the lane's progress on the partition freezes before the call, so nothing from
+    /// it on is stored, and the run ends with the error.
+    fn stop_with(&self, state: &mut State<E>, task: Task, error: E) -> Failed<E> {
         let partition = task.chunk.batch.partition().clone();
         let lane = &mut state.lanes[task.lane];
         lane.finish(&task.chunk);
         for key in lane.drop_waiting(Some(std::slice::from_ref(&partition))) {
             state.timers.cancel(key);
         }
-        state.tracker.fail(&partition, task.chunk.id);
+        state.tracker.fail(&partition, task.chunk.epoch, task.lane);
         self.stop.store(true, Ordering::Release);
         if state.failure.is_none() {
             state.failure = Some(error);
@@ -692,7 +732,7 @@ impl<E: CallFailure + 'static> Pool<E> {
     /// lane's concurrency slot) and its messages' offsets; it shows in the stats, and a wheel
     /// entry warns while it waits (one entry per write, none per message).
     fn send_dead_letters(&self, job: Box<DeadLetterJob>) {
-        let Some(dead_letters) = &self.dead_letters else { return };
+        let Some(dead_letters) = self.dead_letters() else { return };
         let pool = self.this.clone();
         let DeadLetterJob { topic, indexes, info, task } = *job;
         let count = indexes.len() as u64;
@@ -781,7 +821,7 @@ impl<E: CallFailure + 'static> Pool<E> {
             Err(error) => {
                 let partition = task.chunk.batch.partition().clone();
                 state.lanes[task.lane].finish(&task.chunk);
-                state.tracker.fail(&partition, task.chunk.id);
+                state.tracker.fail(&partition, task.chunk.epoch, task.lane);
                 state.source_error.get_or_insert(error);
                 self.stop.store(true, Ordering::Release);
             }
@@ -840,10 +880,17 @@ impl<E: CallFailure + 'static> Pool<E> {
         }
     }
 
-    /// Lets the workers exit.
+    fn dead_letters(&self) -> Option<Arc<DeadLetters>> {
+        self.dead_letters.lock().unwrap_or_else(PoisonError::into_inner).clone()
+    }
+
+    /// Lets the workers exit, and ends the dead-letter producer (the drain waited for its
+    /// writes): its threads must not outlive the run.
     pub fn close(&self) {
         self.lock().closed = true;
         self.work.notify_all();
+        let dead_letters = self.dead_letters.lock().unwrap_or_else(PoisonError::into_inner).take();
+        drop(dead_letters); // outside every lock: dropping it may run its callbacks, which lock
     }
 
     pub fn snapshot(&self) -> Snapshot {
@@ -924,12 +971,11 @@ impl<E: CallFailure + 'static> Intake for Pool<E> {
             state.source_waits_for_room = true;
             return Err(batch);
         }
-        let lanes = state.lanes.len() as u32;
-        let Some(id) = state.tracker.track(batch.partition(), batch.last_offset(), lanes) else {
+        let Some(epoch) = state.tracker.epoch(batch.partition()) else {
             return Ok(());
         };
         for lane in &mut state.lanes {
-            lane.push(&batch, id);
+            lane.push(&batch, epoch);
         }
         let ready = state.lanes.iter().filter(|l| l.has_ready()).count();
         state.admitted += batch.len() as u64;

@@ -15,7 +15,7 @@
 //! consumer queue (its non-empty callback), by a stop, by room in a full lane, or by an
 //! earlier wheel entry: each yields the queue it sleeps on.
 //!
-//! Delivery: at least once. Offsets are stored only for batches every lane finished, and
+//! Delivery: at least once. Offsets are stored up to where every lane finished (per call), and
 //! committed from the wheel `auto.commit.interval.ms` after they are stored, synchronously on
 //! revoke (before the partitions go) and at shutdown.
 

@@ -36,6 +36,7 @@ from ._plugins import (
     Plugin,
     PluginFunc,
     RateLimit,
+    check_options,
     make_plugin,
     rate_limit_of,
 )
@@ -227,6 +228,7 @@ class App:
         backoff: tuple[Duration, Duration] = DEFAULT_BACKOFF,
         dlq: str | None = None,
         on_failure: OnFailure | None = None,
+        **unknown: Any,
     ) -> F | Callable[[F], F]:
         """Registers a plugin: a callable, sync or ``async``, that takes a :class:`Batch`.
 
@@ -262,6 +264,8 @@ class App:
                 without ``dlq``: the run ends with :class:`~fastconsume.errors.PluginError`).
         """
 
+        check_options(unknown)  # at the decorator's call, before it is applied
+
         def register(f: F) -> F:
             self._register(
                 make_plugin(
@@ -278,6 +282,7 @@ class App:
                     backoff=backoff,
                     dlq=dlq,
                     on_failure=on_failure,
+                    **unknown,
                 )
             )
             return f

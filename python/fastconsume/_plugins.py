@@ -4,10 +4,14 @@ async plugins."""
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import contextlib
+import difflib
 import inspect
 import math
 import threading
-from collections.abc import Awaitable, Callable
+import types
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -165,13 +169,21 @@ def make_plugin(
     backoff: tuple[Duration, Duration] = DEFAULT_BACKOFF,
     dlq: str | None = None,
     on_failure: OnFailure | None = None,
+    **unknown: object,
 ) -> Plugin:
     """Validates a plugin at registration, so mistakes surface before ``run()``. A class is
-    instantiated with no arguments: its instances are the plugin.
+    instantiated with no arguments: its instances are the plugin. A generator function is
+    not a plugin (its body would never run), and an unknown option is a
+    :class:`~fastconsume.errors.ConfigError` that suggests the closest known one.
 
     >>> make_plugin(len, name="count", linger="5ms").linger
     0.005
+    >>> make_plugin(len, retires=3)
+    Traceback (most recent call last):
+    ...
+    fastconsume.errors.ConfigError: retires: unknown plugin option; did you mean 'retries'?
     """
+    check_options(unknown)
     if isinstance(func, type):
         try:
             func = func()
@@ -189,6 +201,7 @@ def make_plugin(
         ) from None
     except ValueError:
         pass  # no introspectable signature (some builtins): trust the caller
+    _reject_generators(func)
     _positive_int(batch_size, "batch_size")
     _positive_int(concurrency, "concurrency")
     _positive_int(max_queued, "max_queued")
@@ -223,6 +236,41 @@ def make_plugin(
         on_failure=on_failure,
         is_async=_is_async(func),
     )
+
+
+def check_options(options: Iterable[str]) -> None:
+    """Raises :class:`ConfigError` for the first name that is not a plugin option, with the
+    closest known one, as the config file's loader does.
+
+    >>> check_options(["batch_size", "name"])
+    >>> check_options(["batchsize"])
+    Traceback (most recent call last):
+    ...
+    fastconsume.errors.ConfigError: batchsize: unknown plugin option; did you mean 'batch_size'?
+    """
+    known = ("name", *PLUGIN_OPTIONS)
+    for option in options:
+        if option not in known:
+            close = difflib.get_close_matches(option, known, n=1)
+            hint = f"did you mean {close[0]!r}?" if close else f"expected one of: {', '.join(known)}"
+            raise ConfigError(f"{option}: unknown plugin option; {hint}")
+
+
+def _reject_generators(func: Callable[..., object]) -> None:
+    """A generator function's body runs only when its result is iterated, which fastconsume
+    never does: as a plugin it would do nothing and have every batch committed."""
+    calls = (func, type(func).__call__)  # a function (or partial), or an object's __call__
+    name = _name_of(func)
+    if any(inspect.isasyncgenfunction(call) for call in calls):
+        raise PluginSignatureError(
+            f"plugin {name!r} is an async generator function (`async def` with `yield`): its body would "
+            "never run; process the batch in the call and drop the `yield`"
+        )
+    if any(inspect.isgeneratorfunction(call) for call in calls):
+        raise PluginSignatureError(
+            f"plugin {name!r} is a generator function (it uses `yield`): its body would never run; "
+            "process the batch in the call and drop the `yield`"
+        )
 
 
 def _on_failure(on_failure: OnFailure | None, dlq: str | None) -> OnFailure:
@@ -260,36 +308,172 @@ class AsyncLoop:
     A worker hands each call to the loop with :meth:`start` and moves on; the call reports
     its outcome through ``done`` when it finishes. So a lane's ``concurrency`` counts calls in
     flight on the loop, not threads.
+
+    A plugin's ``SystemExit`` or ``KeyboardInterrupt`` is caught in its task, so it cannot
+    stop the loop, and reported as a fatal outcome. Should the loop's thread end anyway (a
+    plugin stopped the loop, or a callback raised through it), every call it held, and every
+    call started later, ends as a fatal failure that says so: the run fails instead of
+    waiting for them.
     """
 
     def __init__(self) -> None:
         self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, name="fastconsume-asyncio", daemon=True)
+        self._thread = threading.Thread(target=self._serve, name="fastconsume-asyncio", daemon=True)
+        self._lock = threading.Lock()
+        # Calls started and not yet reported, so that a dead loop can report them.
+        self._pending: dict[int, Callable[[Outcome], object]] = {}
+        self._next = 0
+        self._closing = False
+        self._died: BaseException | None = None
+        # Waits of setup and teardown hooks, failed by a dying loop instead of hanging.
+        self._waits: set[concurrent.futures.Future[object]] = set()
 
     def __enter__(self) -> AsyncLoop:
         self._thread.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
+        with self._lock:
+            self._closing = True
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join()
+        if self._died is not None:
+            self._cancel_left_over()
         self._loop.close()
 
-    def run(self, awaitable: Awaitable[object]) -> object:
-        """Runs ``awaitable`` on the loop and waits for its result (for setup and teardown)."""
-        return asyncio.run_coroutine_threadsafe(_awaiting(awaitable), self._loop).result()
+    def _cancel_left_over(self) -> None:
+        """The loop died with tasks in it (already reported as failed): cancel them, bounded,
+        so that they end instead of being destroyed pending."""
+        tasks = asyncio.all_tasks(self._loop)
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            with contextlib.suppress(BaseException):
+                self._loop.run_until_complete(asyncio.wait(tasks, timeout=1.0))
 
-    def start(self, func: AsyncPlugin, batch: Batch, done: Callable[[asyncio.Task[object]], object]) -> AsyncCall:
-        """Runs ``func(batch)`` as a task on the loop; ``done(task)`` is called, on the loop,
-        once the task has really ended, a cancelled one included."""
+    def _serve(self) -> None:
+        try:
+            self._loop.run_forever()
+        except BaseException as error:  # whatever ended the loop is reported
+            self._end(error)
+        else:
+            self._end(None)
+
+    def _end(self, error: BaseException | None) -> None:
+        with self._lock:
+            if self._closing and error is None:
+                return
+            cause = "" if error is None else f": {error!r}"
+            self._died = RuntimeError(f"the event loop of async plugins ended unexpectedly{cause}")
+            pending, self._pending = list(self._pending.values()), {}
+            waits, self._waits = list(self._waits), set()
+        for wait in waits:
+            if not wait.done():
+                wait.set_exception(self._died)
+        for done in pending:
+            done(Outcome(self._died, fatal=True))
+
+    def run(self, awaitable: Awaitable[object]) -> object:
+        """Runs ``awaitable`` on the loop and waits for its result (for setup and teardown).
+        Its ``SystemExit`` or ``KeyboardInterrupt`` is raised here, not on the loop."""
+        with self._lock:
+            if self._died is not None:
+                if inspect.iscoroutine(awaitable):
+                    awaitable.close()
+                raise self._died
+            wait = asyncio.run_coroutine_threadsafe(_awaiting(awaitable), self._loop)
+            self._waits.add(wait)
+        try:
+            result = wait.result()
+        finally:
+            with self._lock:
+                self._waits.discard(wait)
+        if isinstance(result, _Exited):
+            raise result.error
+        return result
+
+    def start(self, func: AsyncPlugin, batch: Batch, done: Callable[[Outcome], object]) -> AsyncCall:
+        """Runs ``func(batch)`` as a task on the loop; ``done(outcome)`` is called, on the loop,
+        once the task has really ended, a cancelled one included (or at once, on this
+        thread, if the loop has died)."""
         call = AsyncCall(self._loop)
+        with self._lock:
+            died = self._died
+            if died is None:
+                key = self._next
+                self._next += 1
+                self._pending[key] = done
+        if died is not None:
+            done(Outcome(died, fatal=True))
+            return call
+
+        plugin = batch.plugin
+
+        def report(task: asyncio.Task[object]) -> None:
+            with self._lock:
+                if self._pending.pop(key, None) is None:
+                    return  # reported already, by a dying loop
+            done(_outcome(task, plugin, call.deadline_passed))
 
         def begin() -> None:
             call.task = self._loop.create_task(_awaited(func, batch))
-            call.task.add_done_callback(done)
+            call.task.add_done_callback(report)
 
         self._loop.call_soon_threadsafe(begin)
         return call
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """How an async call ended, for its ``done`` callback: ``exception()`` is what it raised
+    (``None`` on success), ``fatal`` whether the run must end with it whatever the plugin's
+    policy."""
+
+    error: BaseException | None
+    fatal: bool = False
+    was_cancelled: bool = False
+
+    def cancelled(self) -> bool:
+        return self.was_cancelled
+
+    def exception(self) -> BaseException | None:
+        return self.error
+
+
+@dataclass(frozen=True)
+class _Exited:
+    """An async plugin raised ``SystemExit`` or ``KeyboardInterrupt``: kept as a value, since
+    raised out of a task they would stop the event loop."""
+
+    error: BaseException
+
+
+def _outcome(task: asyncio.Task[object], plugin: str, deadline_passed: bool) -> Outcome:
+    if task.cancelled():
+        if deadline_passed:
+            return Outcome(None, was_cancelled=True)
+        # Not by its deadline: the plugin cancelled itself, or let a CancelledError through.
+        return Outcome(asyncio.CancelledError(f"plugin {plugin!r} was cancelled, not by its deadline"))
+    error = task.exception()
+    if error is not None:
+        return Outcome(error)
+    result = task.result()
+    if isinstance(result, _Exited):
+        return Outcome(result.error, fatal=True)
+    mistake = _async_mistake(result, plugin)
+    return Outcome(mistake)
+
+
+def _async_mistake(result: object, plugin: str) -> TypeError | None:
+    """An async plugin returned an awaitable it did not await: its work did not happen."""
+    if result is None or not inspect.isawaitable(result):
+        return None
+    if isinstance(result, types.CoroutineType):
+        result.close()  # never awaited: closed, so that Python does not warn about it
+    return TypeError(
+        f"plugin {plugin!r} returned {type(result).__name__} without awaiting it, so its work did not "
+        "happen: write `await ...` (or `return await ...`)"
+    )
 
 
 class AsyncCall:
@@ -300,15 +484,23 @@ class AsyncCall:
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
         self.task: asyncio.Task[object] | None = None
+        self.deadline_passed = False
 
     def cancel(self) -> None:
+        self.deadline_passed = True
         # Scheduled after the call's own start (the loop runs callbacks in order).
         self._loop.call_soon_threadsafe(lambda: self.task is not None and self.task.cancel())
 
 
 async def _awaited(func: AsyncPlugin, batch: Batch) -> object:
-    return await func(batch)
+    try:
+        return await func(batch)
+    except (SystemExit, KeyboardInterrupt) as error:
+        return _Exited(error)
 
 
 async def _awaiting(awaitable: Awaitable[object]) -> object:
-    return await awaitable
+    try:
+        return await awaitable
+    except (SystemExit, KeyboardInterrupt) as error:
+        return _Exited(error)

@@ -5,10 +5,17 @@
 //! An `async` plugin's call is handed to the app's event loop and the worker moves on: the
 //! call completes from the loop's thread, so a lane's concurrency counts calls in flight,
 //! not threads. Its deadline cancels it.
+//!
+//! Outcomes: a call succeeds when it returns (its value is ignored), or fails when it raises,
+//! under the plugin's policy. Two mistakes that would skip the plugin's body fail the call
+//! too: a sync plugin returning an awaitable (a coroutine, a future) or a generator. An
+//! exception that asks the process to exit (`SystemExit`, `KeyboardInterrupt`) is fatal:
+//! the run ends with it whatever the policy. A worker thread that panics fails the run.
 
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
+use pyo3::exceptions::{PyKeyboardInterrupt, PySystemExit, PyTypeError};
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
 use pyo3::types::{PyString, PyType};
@@ -16,6 +23,7 @@ use pyo3::types::{PyString, PyType};
 use super::batch::PyBatch;
 use super::errors::exception;
 use super::lifecycle;
+use crate::errors::Error;
 use crate::limit::RateLimit;
 use crate::pool::{CallFailure, Pool, Task};
 
@@ -83,6 +91,7 @@ struct Failure {
     detail: String,
     /// From `PartialFailure`: the positions in the call's batch that failed.
     positions: Option<Vec<usize>>,
+    fatal: bool,
 }
 
 impl PluginFailure {
@@ -94,9 +103,11 @@ impl PluginFailure {
     }
 
     /// Reads what failed from a raised exception; `PartialFailure` names positions and,
-    /// through `error` or its `__cause__`, the error behind them.
-    fn new(py: Python<'_>, error: PyErr, plugin: &str, task: &Task) -> Self {
+    /// through `error` or its `__cause__`, the error behind them. `fatal`: the run must end
+    /// with it (also implied by `SystemExit` and `KeyboardInterrupt`).
+    fn new(py: Python<'_>, error: PyErr, plugin: &str, task: &Task, fatal: bool) -> Self {
         let value = error.value(py);
+        let fatal = fatal || value.is_instance_of::<PySystemExit>() || value.is_instance_of::<PyKeyboardInterrupt>();
         let mut positions = None;
         let mut cause = value.clone().into_any();
         if let Ok(partial) = partial_failure_type(py) {
@@ -111,13 +122,16 @@ impl PluginFailure {
         let kind = cause.get_type().qualname().map_or_else(|_| "Exception".to_string(), |n| n.to_string());
         let detail = cause.str().map_or_else(|_| String::new(), |s| s.to_string_lossy().into_owned());
         let chunk = &task.chunk;
-        let message = format!(
+        let mut message = format!(
             "plugin {plugin:?} failed on {} (attempt {}): {}",
             chunk.describe(),
             chunk.attempt,
             value.repr().map_or_else(|_| "?".to_string(), |r| r.to_string()),
         );
-        PluginFailure(Box::new(Failure { error, message, kind, detail, positions }))
+        if fatal {
+            message.push_str("; the run stops whatever the plugin's policy (not retried, not dead-lettered)");
+        }
+        PluginFailure(Box::new(Failure { error, message, kind, detail, positions, fatal }))
     }
 }
 
@@ -133,11 +147,74 @@ impl CallFailure for PluginFailure {
     fn detail(&self) -> String {
         self.0.detail.clone()
     }
+
+    fn fatal(&self) -> bool {
+        self.0.fatal
+    }
 }
 
 fn partial_failure_type(py: Python<'_>) -> PyResult<&Bound<'_, PyType>> {
     static PARTIAL_FAILURE: PyOnceLock<Py<PyType>> = PyOnceLock::new();
     PARTIAL_FAILURE.import(py, "fastconsume.errors", "PartialFailure")
+}
+
+/// A sync plugin returned something that means its work did not happen: the error that
+/// fails the call, saying what to write instead. `None` for any other value, which is
+/// ignored. Only looked at when the call returned something other than `None`.
+fn returned_mistake(py: Python<'_>, plugin: &str, returned: &Bound<'_, PyAny>) -> Option<PyErr> {
+    static COROUTINE: PyOnceLock<Py<PyType>> = PyOnceLock::new();
+    static GENERATOR: PyOnceLock<Py<PyType>> = PyOnceLock::new();
+    static ASYNC_GENERATOR: PyOnceLock<Py<PyType>> = PyOnceLock::new();
+    let is = |cell: &'static PyOnceLock<Py<PyType>>, name: &str| {
+        cell.import(py, "types", name).is_ok_and(|t| returned.is_instance(t).unwrap_or(false))
+    };
+    let (message, close) = if is(&COROUTINE, "CoroutineType") {
+        let message = format!(
+            "plugin {plugin:?} returned a coroutine, which fastconsume does not await, so its body never ran: \
+             declare the plugin `async def` (or await the coroutine inside an `async def` plugin)"
+        );
+        (message, true)
+    } else if is(&GENERATOR, "GeneratorType") {
+        let message = format!(
+            "plugin {plugin:?} returned a generator, so its body never ran: process the batch in the call \
+             itself instead of yielding (a generator runs only when iterated)"
+        );
+        (message, true)
+    } else if is(&ASYNC_GENERATOR, "AsyncGeneratorType") {
+        let message = format!(
+            "plugin {plugin:?} returned an async generator, so its body never ran: declare it `async def` \
+             without `yield`"
+        );
+        (message, false)
+    } else if returned.hasattr("__await__").unwrap_or(false) {
+        let kind = returned.get_type().qualname().map_or_else(|_| "awaitable".to_string(), |n| n.to_string());
+        let message = format!(
+            "plugin {plugin:?} returned an awaitable ({kind}), which fastconsume does not await: declare the \
+             plugin `async def` and await it there"
+        );
+        (message, false)
+    } else {
+        return None;
+    };
+    // Closed, so that Python does not warn later that a coroutine was never awaited.
+    if close {
+        if let Err(error) = returned.call_method0("close") {
+            error.write_unraisable(py, Some(returned));
+        }
+    }
+    Some(PyTypeError::new_err(message))
+}
+
+/// Fails the run if the worker thread it watches unwinds, instead of leaving the pool
+/// waiting for a call that will never complete.
+struct WorkerWatch<'a>(&'a Pool<PluginFailure>);
+
+impl Drop for WorkerWatch<'_> {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.0.fail_run(Error::Internal("a worker thread panicked; the run cannot go on".into()));
+        }
+    }
 }
 
 struct Lane {
@@ -170,6 +247,7 @@ impl Plugins {
 
     /// One worker thread's whole life.
     pub fn serve(&self, pool: &Pool<PluginFailure>) {
+        let _watch = WorkerWatch(pool);
         lifecycle::worker_attach(|py| {
             while let Some(task) = lifecycle::worker_detach(py, || pool.next_task()) {
                 if self.lanes[task.lane].is_async {
@@ -189,14 +267,24 @@ impl Plugins {
         Py::new(py, PyBatch::new(&task.chunk, lane.name.clone_ref(py), task.deadline))
     }
 
+    fn name(&self, py: Python<'_>, task: &Task) -> String {
+        self.lanes[task.lane].name.bind(py).to_string_lossy().into_owned()
+    }
+
     fn failure(&self, py: Python<'_>, error: PyErr, task: &Task) -> PluginFailure {
-        let name = self.lanes[task.lane].name.bind(py).to_string_lossy().into_owned();
-        PluginFailure::new(py, error, &name, task)
+        PluginFailure::new(py, error, &self.name(py, task), task, false)
     }
 
     fn call(&self, py: Python<'_>, task: &Task) -> Result<(), PluginFailure> {
         let result = self.batch(py, task).and_then(|batch| self.lanes[task.lane].func.call1(py, (batch,)));
-        result.map(drop).map_err(|error| self.failure(py, error, task))
+        match result {
+            Ok(returned) if returned.is_none(py) => Ok(()),
+            Ok(returned) => match returned_mistake(py, &self.name(py, task), returned.bind(py)) {
+                Some(error) => Err(self.failure(py, error, task)),
+                None => Ok(()),
+            },
+            Err(error) => Err(self.failure(py, error, task)),
+        }
     }
 
     /// Hands an async call to the event loop; it completes through `Completion`.
@@ -267,26 +355,29 @@ impl Completion {
         self.task.lock().unwrap_or_else(PoisonError::into_inner).take()
     }
 
-    fn report(&self, py: Python<'_>, task: Task, outcome: Result<(), PyErr>) {
+    fn report(&self, py: Python<'_>, task: Task, outcome: Result<(), PyErr>, fatal: bool) {
         let took = self.started.elapsed();
         let name = self.name.bind(py).to_string_lossy().into_owned();
-        let outcome = outcome.map_err(|error| PluginFailure::new(py, error, &name, &task));
+        let outcome = outcome.map_err(|error| PluginFailure::new(py, error, &name, &task, fatal));
         lifecycle::detach(py, || self.pool.complete(task, outcome, took));
     }
 
     fn fail_to_start(&self, py: Python<'_>, error: PyErr) {
         if let Some(task) = self.take() {
-            self.report(py, task, Err(error));
+            self.report(py, task, Err(error), false);
         }
     }
 }
 
 #[pymethods]
 impl Completion {
-    /// `ended`: the call's `asyncio.Task`, done. Never raises: an exception here would only
-    /// be logged by the event loop, and the call never reported.
+    /// `ended`: how the call ended, as `cancelled()` and `exception()` (an `asyncio.Task`,
+    /// done, or `fastconsume._plugins.Outcome`), and `fatal` when the run must end with it.
+    /// Never raises: an exception here would only be logged by the event loop, and the call
+    /// never reported.
     fn __call__(&self, py: Python<'_>, ended: Bound<'_, PyAny>) {
         let Some(task) = self.take() else { return };
+        let fatal = ended.getattr("fatal").is_ok_and(|f| f.is_truthy().unwrap_or(false));
         let outcome = match ended.call_method0("cancelled").and_then(|c| c.is_truthy()) {
             Ok(true) => {
                 let timeout = self.timeout.map_or_else(String::new, |t| format!(" of {:.3} s", t.as_secs_f64()));
@@ -299,6 +390,6 @@ impl Completion {
             },
             Err(error) => Err(error),
         };
-        self.report(py, task, outcome);
+        self.report(py, task, outcome, fatal);
     }
 }
