@@ -372,5 +372,114 @@ def test_all_nodes_down_for_a_while(kraft: Any, tmp_path: Path) -> None:
     run_through(kraft, tmp_path, fault)
 
 
+@dataclass
+class Observed:
+    """How an in-process run ended, the WARNING lines of ``fastconsume`` it logged (with when)
+    and a plugin's ``dead_letters_pending`` sampled every 0.2 s."""
+
+    outcome: BaseException | None = None
+    ended: float = 0.0
+    warnings: list[tuple[float, str]] = field(default_factory=list)
+    pending: list[int] = field(default_factory=list)
+
+
+class _Warnings(logging.Handler):
+    def __init__(self, into: list[tuple[float, str]]) -> None:
+        super().__init__(logging.WARNING)
+        self.into = into
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.into.append((time.monotonic(), record.getMessage()))
+
+
+def observe_run(app: fc.App, plugin: str) -> Observed:
+    """Runs ``app`` on a thread until it ends, watching it."""
+    seen = Observed()
+    logger = logging.getLogger("fastconsume")
+    handler, level = _Warnings(seen.warnings), logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+
+    def run() -> None:
+        try:
+            app.run()
+        except BaseException as error:
+            seen.outcome = error
+
+    runner = threading.Thread(target=run)
+    runner.start()
+    try:
+        while runner.is_alive():
+            stats = app.stats()
+            if stats["running"]:
+                seen.pending.append(stats["plugins"][plugin]["dead_letters_pending"])
+            time.sleep(0.2)
+        seen.ended = time.monotonic()
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+        app.stop()
+        runner.join(timeout=60)
+    return seen
+
+
+def test_a_dead_letter_partition_short_of_in_sync_replicas_is_loud_and_bounded(kraft: Any) -> None:
+    """Issue case: the dead-letter partition has fewer in-sync replicas than it needs, so every
+    acks=all write of it is refused (NOT_ENOUGH_REPLICAS) and retried by librdkafka. The
+    waiting write is logged at WARNING within seconds, naming the topic, shows in ``stats()``,
+    and ends the run at ``dlq_timeout`` with a ``KafkaError`` naming the refusal; the failed
+    batch stays uncommitted."""
+    topic, dlq, group = f"t-{uuid.uuid4().hex[:12]}", f"dlq-{uuid.uuid4().hex[:12]}", new_group()
+    admin = AdminClient({"bootstrap.servers": kraft.bootstrap})
+    futures = admin.create_topics(
+        [
+            NewTopic(topic, num_partitions=1, replication_factor=3),
+            NewTopic(dlq, num_partitions=1, replication_factor=3, config={"min.insync.replicas": "3"}),
+        ]
+    )
+    for future in futures.values():
+        future.result(timeout=30)
+    producer = Producer({"bootstrap.servers": kraft.bootstrap, "acks": "all"})
+    for i in range(10):
+        producer.produce(topic, f"poison-{i}".encode(), partition=0)
+    assert producer.flush(30) == 0
+    # One replica of the dead-letter partition down (not its leader): once the controller has
+    # fenced it, the partition has 2 in-sync replicas of the 3 it needs.
+    partition = admin.list_topics(dlq, timeout=30).topics[dlq].partitions[0]
+    follower = next(r for r in partition.replicas if r != partition.leader)
+    kraft.kill(follower)
+    failed_at: list[float] = []
+    try:
+        deadline = time.monotonic() + 30
+        while len(admin.list_topics(dlq, timeout=30).topics[dlq].partitions[0].isrs) > 2:
+            assert time.monotonic() < deadline, "the killed replica stayed in sync"
+            time.sleep(0.2)
+        app = fc.App(
+            kraft.bootstrap, group, [topic], kafka=APP_KAFKA, connect_timeout=CONNECT_TIMEOUT, dlq_timeout="8s"
+        )
+
+        def picky(batch: fc.Batch) -> None:
+            failed_at.append(time.monotonic())
+            raise ValueError("poison")
+
+        app.add_plugin(picky, batch_size=10, linger="200ms", retries=0, dlq=dlq)
+        seen = observe_run(app, "picky")
+    finally:
+        kraft.restart(follower)
+
+    assert failed_at, "the plugin was never called"
+    assert isinstance(seen.outcome, fc.KafkaError), f"the run ended with {seen.outcome!r}"
+    message = str(seen.outcome)
+    assert dlq in message, message
+    assert "Not enough in-sync replicas" in message, message
+    waiting = [(at, w) for at, w in seen.warnings if "has waited" in w and dlq in w]
+    assert waiting, f"no warning about the waiting write: {[w for _, w in seen.warnings][-10:]}"
+    assert waiting[0][0] - failed_at[0] <= 6.0, "the first warning came more than 6 s after the failure"
+    assert max(seen.pending, default=0) == 10, f"stats never showed the 10 pending messages: {seen.pending[-10:]}"
+    took = seen.ended - failed_at[0]
+    assert 7.0 <= took < 40.0, f"the run ended {took:.1f} s after the failure, not at the 8 s bound"
+    assert committed(kraft.bootstrap, group, topic, 1)[0] <= 0, "the failed batch was committed"
+
+
 if __name__ == "__main__":
     main()
