@@ -52,7 +52,7 @@ import subprocess
 import sys
 import time
 import xml.etree.ElementTree as ET
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -413,27 +413,7 @@ class _PortTakenError(Exception):
 
 
 def _launch(java: str, libs: Path, wd: Path, *, port: int, ctrl_port: int, timeout: float) -> Broker:
-    cmd = [
-        java, *JVM_OPTS,
-        f"-Dlog4j2.configurationFile={LOG4J_CONFIG}",
-        "-cp", str(libs / "*"),
-        "kafka.Kafka", str(wd / PROPS_FILE),
-    ]  # fmt: skip
-    log_path = wd / LOG_FILE
-    with log_path.open("ab") as log:
-        stamp = time.strftime("%Y-%m-%d %H:%M:%S")
-        header = f"=== kafka_broker.py start {stamp} port={port} controller={ctrl_port}\n"
-        log.write(header.encode())
-        log.flush()
-        since = log.tell()
-        # Own session/process group: stop() signals the whole group, and a Ctrl-C
-        # aimed at the test runner does not hit the broker mid-test.
-        proc = subprocess.Popen(
-            cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-            cwd=wd, start_new_session=True,
-        )  # fmt: skip
-    _CHILDREN[proc.pid] = (proc, wd)
-    (wd / PID_FILE).write_text(f"{proc.pid}\n")
+    proc, since = _spawn(java, libs, wd, port=port, ctrl_port=ctrl_port)
 
     try:
         _wait_ready(proc, wd, port, since, timeout)
@@ -821,11 +801,12 @@ def _node_ports(wd: Path) -> tuple[int, int]:
     return port, int(voters[node_id].rsplit(":", 1)[1])
 
 
-def _spawn(java: str, libs: Path, wd: Path) -> tuple[subprocess.Popen[bytes], int]:
-    """Start a node's JVM without waiting; return it and broker.log's offset before it."""
-    port, ctrl_port = _node_ports(wd)
+def _spawn(
+    java: str, libs: Path, wd: Path, *, port: int, ctrl_port: int, jvm_opts: Sequence[str] = ()
+) -> tuple[subprocess.Popen[bytes], int]:
+    """Start a broker's JVM in ``wd`` without waiting; return it and broker.log's offset before it."""
     cmd = [
-        java, *JVM_OPTS, *CLUSTER_JVM_OPTS,
+        java, *JVM_OPTS, *jvm_opts,
         f"-Dlog4j2.configurationFile={LOG4J_CONFIG}",
         "-cp", str(libs / "*"),
         "kafka.Kafka", str(wd / PROPS_FILE),
@@ -835,7 +816,8 @@ def _spawn(java: str, libs: Path, wd: Path) -> tuple[subprocess.Popen[bytes], in
         log.write(f"=== kafka_broker.py start {stamp} port={port} controller={ctrl_port}\n".encode())
         log.flush()
         since = log.tell()
-        # Own process group, as for the single broker (see _launch).
+        # Own session/process group: stop() signals the whole group, and a Ctrl-C
+        # aimed at the test runner does not hit the broker mid-test.
         proc = subprocess.Popen(
             cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
             cwd=wd, start_new_session=True,
@@ -908,7 +890,11 @@ class Cluster:
         for n in node_ids:
             if self.node(n).pid is not None:
                 raise BrokerError(f"node {n} is already running")
-        spawned = [(n, *_spawn(java, libs, self.node(n).workdir)) for n in node_ids]
+        spawned = []
+        for n in node_ids:
+            workdir = self.node(n).workdir
+            port, ctrl_port = _node_ports(workdir)
+            spawned.append((n, *_spawn(java, libs, workdir, port=port, ctrl_port=ctrl_port, jvm_opts=CLUSTER_JVM_OPTS)))
         try:
             for n, proc, since in spawned:
                 node = self.node(n)
