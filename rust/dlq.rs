@@ -157,7 +157,7 @@ struct Job {
     what: String,
     started: Instant,
     /// The bound of each write, to say so when one timed out.
-    timeout: Duration,
+    timeout: Option<Duration>,
     last_error: Arc<LastError>,
     total: usize,
     /// Writes not yet acknowledged; `done` gets `Ok` when this reaches zero.
@@ -210,11 +210,11 @@ impl Job {
     /// timed-out write's error is only "Message timed out", the real cause came before.
     fn cause(&self, reason: &dyn std::fmt::Display, timed_out: bool) -> String {
         let mut cause = reason.to_string();
-        if timed_out {
+        if let Some(timeout) = self.timeout.filter(|_| timed_out) {
             let _ = write!(
                 cause,
                 " after {:.1} s (dlq_timeout, or the producer's message.timeout.ms)",
-                self.timeout.as_secs_f64()
+                timeout.as_secs_f64()
             );
         }
         if let Some(last) = self.last_error.since(self.started).filter(|last| !cause.contains(last.as_str())) {
@@ -342,8 +342,9 @@ type Record<'a> = BaseRecord<'a, [u8], [u8], Box<Pending>>;
 /// them.
 pub struct DeadLetters {
     producer: ThreadedProducer<Acks>,
-    /// How long librdkafka tries one write before failing it (`message.timeout.ms`).
-    timeout: Duration,
+    /// How long librdkafka tries one write before failing it (`message.timeout.ms`); `None`
+    /// when the user's properties set it to 0, librdkafka's "no bound".
+    timeout: Option<Duration>,
 }
 
 impl DeadLetters {
@@ -359,8 +360,9 @@ impl DeadLetters {
         Ok(DeadLetters { producer, timeout })
     }
 
-    /// The bound of one write: `dlq_timeout`, or the user's `message.timeout.ms`.
-    pub fn timeout(&self) -> Duration {
+    /// The bound of one write: `dlq_timeout`, or the user's `message.timeout.ms` (`None`: 0,
+    /// no bound).
+    pub fn timeout(&self) -> Option<Duration> {
         self.timeout
     }
 
@@ -521,7 +523,7 @@ fn text<'a>(key: &'a str, value: &'a str) -> Header<'a, &'a [u8]> {
 /// The dead-letter producer's configuration, and the bound of one write it sets: `timeout`,
 /// or the user's own `message.timeout.ms` / `delivery.timeout.ms` (a value librdkafka will
 /// reject is left for it to name).
-fn producer_config(bootstrap: &str, kafka: &[(String, String)], timeout: Duration) -> (ClientConfig, Duration) {
+fn producer_config(bootstrap: &str, kafka: &[(String, String)], timeout: Duration) -> (ClientConfig, Option<Duration>) {
     let mut config = ClientConfig::new();
     // rust-rdkafka lowers librdkafka's log level to what the `log` crate lets through, which
     // would drop the debug lines; they are only read here (`Acks::log`), not emitted.
@@ -532,14 +534,15 @@ fn producer_config(bootstrap: &str, kafka: &[(String, String)], timeout: Duratio
             config.set(name, value);
         }
         if TIMEOUT_PROPERTIES.contains(&name.as_str()) {
-            bound = Some(value.trim().parse::<u64>().map_or(timeout, Duration::from_millis));
+            let millis = value.trim().parse::<u64>();
+            bound = Some(millis.map_or(Some(timeout), |ms| (ms > 0).then(|| Duration::from_millis(ms))));
         }
     }
     let bound = bound.unwrap_or_else(|| {
         // At least 1 ms: librdkafka reads 0 as "no bound".
         let millis = u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX).max(1);
         config.set(TIMEOUT_PROPERTIES[0], millis.to_string());
-        timeout
+        Some(timeout)
     });
     config.set("bootstrap.servers", bootstrap);
     for (name, value) in PRODUCER_PROPERTIES {
@@ -768,7 +771,7 @@ mod tests {
         // topic.metadata.propagation.max.ms, 30 s), so only the bound ends the write.
         let kafka = [("allow.auto.create.topics".to_string(), "false".to_string())];
         let letters = DeadLetters::new(&cluster.bootstrap(), &kafka, Duration::from_millis(1500)).expect("producer");
-        assert_eq!(letters.timeout(), Duration::from_millis(1500));
+        assert_eq!(letters.timeout(), Some(Duration::from_millis(1500)));
         let (done, rx) = done();
         let started = Instant::now();
         letters.send("missing", &batch(), &[0], &info(), done);
@@ -847,16 +850,18 @@ mod tests {
     #[test]
     fn the_bound_is_dlq_timeout_unless_the_user_set_librdkafkas() {
         let (config, bound) = producer_config("127.0.0.1:9", &[], Duration::from_secs(30));
-        assert_eq!((config.get("message.timeout.ms"), bound), (Some("30000"), Duration::from_secs(30)));
+        assert_eq!((config.get("message.timeout.ms"), bound), (Some("30000"), Some(Duration::from_secs(30))));
         assert_eq!(config.get("debug"), Some(DEBUG_CONTEXTS));
         let (config, _) = producer_config("127.0.0.1:9", &[("debug".into(), "all".into())], BOUND);
         assert_eq!(config.get("debug"), Some("all"), "the user's debug contexts win");
         let (config, bound) = producer_config("127.0.0.1:9", &[], Duration::from_micros(10));
-        assert_eq!((config.get("message.timeout.ms"), bound), (Some("1"), Duration::from_micros(10)));
+        assert_eq!((config.get("message.timeout.ms"), bound), (Some("1"), Some(Duration::from_micros(10))));
         for name in TIMEOUT_PROPERTIES {
             let kafka = [(name.to_string(), "1234".to_string())];
             let (config, bound) = producer_config("127.0.0.1:9", &kafka, Duration::from_secs(30));
-            assert_eq!(bound, Duration::from_millis(1234), "{name}");
+            assert_eq!(bound, Some(Duration::from_millis(1234)), "{name}");
+            let no_bound = [(name.to_string(), "0".to_string())];
+            assert_eq!(producer_config("127.0.0.1:9", &no_bound, BOUND).1, None, "{name}=0 is librdkafka's no bound");
             assert_eq!(config.get(name), Some("1234"), "{name}");
             let other = TIMEOUT_PROPERTIES.iter().find(|&&n| n != name).expect("an alias");
             assert_eq!(config.get(other), None, "{name}: dlq_timeout must not override the user's");

@@ -19,7 +19,7 @@ use crate::dlq::DeadLetters;
 use crate::errors::Error;
 use crate::lane::{LaneOptions, OnFailure};
 use crate::limit::RateLimit;
-use crate::pool::{CallFailure, Ending, Pool, Snapshot};
+use crate::pool::{CallFailure, Ending, Late, Pool, Snapshot};
 use crate::source::{self, Intake, Shape, Source};
 
 /// How one run is shaped.
@@ -157,8 +157,13 @@ impl<E: CallFailure + 'static> Engine<E> {
         } else {
             None
         };
-        let pool = Pool::new(options.lanes.clone(), self.stop.clone(), dead_letters, config.commit_interval())?;
+        // Each run has its own stop flag: a call that fails late (after a timed-out drain) must
+        // not stop the next run. A stop() before this one is handed over once it can reach it.
+        let pool = Pool::new(options.lanes.clone(), Arc::default(), dead_letters, config.commit_interval())?;
         *self.current.lock().unwrap_or_else(PoisonError::into_inner) = Some(pool.clone());
+        if self.stop.load(Ordering::Acquire) {
+            pool.request_stop();
+        }
         let outcome = Self::run_pool(&pool, config, options, worker);
         self.stop.store(false, Ordering::Release);
         outcome
@@ -174,7 +179,13 @@ impl<E: CallFailure + 'static> Engine<E> {
         W: Fn(&Pool<E>) + Send + Sync + 'static,
     {
         let intake: Arc<dyn Intake> = pool.clone();
-        let source = Source::start(config, options.shape(), intake)?;
+        let source = match Source::start(config, options.shape(), intake) {
+            Ok(source) => source,
+            Err(error) => {
+                pool.close(); // the dead-letter producer must not outlive the run
+                return Err(error.into());
+            }
+        };
         pool.attach(&source.consumer);
         let workers = match spawn_workers(pool, options.workers, worker) {
             Ok(workers) => workers,
@@ -208,7 +219,11 @@ impl<E: CallFailure + 'static> Engine<E> {
         match ending {
             Ending::Failed(error) => Err(RunError::Plugin(error)),
             Ending::SourceFailed(error) => Err(RunError::Core(error)),
-            Ending::Stopped | Ending::Drained => late_failure.map_or(Ok(()), |e| Err(RunError::Plugin(e))),
+            Ending::Stopped | Ending::Drained => match late_failure {
+                None => Ok(()),
+                Some(Late::Plugin(error)) => Err(RunError::Plugin(error)),
+                Some(Late::Core(error)) => Err(RunError::Core(error)),
+            },
         }
     }
 }
@@ -496,6 +511,35 @@ mod tests {
         let rerun = RunOptions { dlq_timeout: Duration::from_secs(30), ..drain(vec![lane("a", 10, 1)]) };
         engine.run(&config, &rerun, recorder(again.clone(), None, Duration::ZERO)).expect("rerun");
         assert_eq!(again.lock().expect("seen")[&(0, 0)].first(), Some(&0));
+    }
+
+    #[test]
+    fn a_dead_letter_write_that_fails_during_a_stop_fails_the_run() {
+        let (_cluster, mut config) = seeded(&[20; 1]);
+        config.kafka.push(("allow.auto.create.topics".into(), "false".into()));
+        let engine = Engine::default();
+        let mut dead_letters = lane("a", 10, 1);
+        dead_letters.retry = RetryPolicy {
+            retries: 0,
+            first_backoff: Duration::from_millis(10),
+            max_backoff: Duration::from_millis(10),
+            on_failure: OnFailure::DeadLetter("missing".into()),
+        };
+        let options =
+            RunOptions { idle_timeout: None, dlq_timeout: Duration::from_millis(1500), ..drain(vec![dead_letters]) };
+        let outcome = std::thread::scope(|scope| {
+            let run = scope.spawn(|| engine.run(&config, &options, recorder(Seen::default(), Some(5), Duration::ZERO)));
+            // Stop while the write waits: the drain waits for it, and it fails at dlq_timeout.
+            while engine.snapshot().is_none_or(|s| s.lanes[0].1.dead_letters_pending == 0) {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            engine.stop();
+            run.join().expect("the run thread")
+        });
+        assert!(
+            matches!(&outcome, Err(RunError::Core(Error::DeadLetter(_)))),
+            "a failed dead-letter write must fail the run: {outcome:?}"
+        );
     }
 
     #[test]

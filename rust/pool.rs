@@ -112,8 +112,8 @@ struct DeadLetterWrite {
     /// The messages: partition and offsets.
     what: String,
     started: Instant,
-    /// The bound librdkafka applies to it.
-    bound: Duration,
+    /// The bound librdkafka applies to it (`None`: the user's properties set none).
+    bound: Option<Duration>,
     timer: Option<TimerKey>,
     /// The wait before the next warning.
     every: Duration,
@@ -693,7 +693,7 @@ impl<E: CallFailure + 'static> Pool<E> {
                 backoff.as_secs_f64()
             ));
         }
-        if let (OnFailure::DeadLetter(topic), Some(_)) = (&policy.on_failure, self.dead_letters()) {
+        if let (OnFailure::DeadLetter(topic), true) = (&policy.on_failure, self.has_dead_letters()) {
             let message = format!(
                 "plugin {name:?} failed on {what} after {attempt} attempt(s): {cause}; writing them to {topic:?}"
             );
@@ -742,7 +742,8 @@ impl<E: CallFailure + 'static> Pool<E> {
         let started = Instant::now();
         let bound = dead_letters.timeout();
         // Never zero: a zero interval would refire at once, forever.
-        let every = DEAD_LETTER_WARN_EVERY.min(bound / 3).max(Duration::from_millis(100));
+        let every = bound.map_or(DEAD_LETTER_WARN_EVERY, |b| DEAD_LETTER_WARN_EVERY.min(b / 3));
+        let every = every.max(Duration::from_millis(100));
         let mut state = self.lock();
         let write = state.next_write;
         state.next_write += 1;
@@ -781,15 +782,18 @@ impl<E: CallFailure + 'static> Pool<E> {
             || "; librdkafka has reported no error since it began".to_string(),
             |e| format!("; librdkafka's last error: {e}"),
         );
+        let bound = record.bound.map_or_else(
+            || "it has no bound: the producer's message.timeout.ms is 0".to_string(),
+            |bound| format!("it fails after {:.1} s, dlq_timeout", bound.as_secs_f64()),
+        );
         let warning = format!(
             "plugin {:?}: the dead-letter write of {} to {:?} has waited {:.1} s for the broker's \
-             acknowledgement (it fails after {:.1} s, dlq_timeout); until then the call holds its \
-             concurrency slot and the offsets stay uncommitted{last}",
+             acknowledgement ({bound}); until then the call holds its concurrency slot and the \
+             offsets stay uncommitted{last}",
             state.lanes[record.lane].options.name,
             record.what,
             record.topic,
             waited.as_secs_f64(),
-            record.bound.as_secs_f64(),
         );
         if waited >= DEAD_LETTER_WARN_MAX {
             record.every = DEAD_LETTER_WARN_MAX;
@@ -857,9 +861,9 @@ impl<E: CallFailure + 'static> Pool<E> {
     }
 
     /// Stops admitting, drops waiting work, and waits up to `timeout` for running calls
-    /// (dead-letter writes included). Returns whether every call finished. A failure that
-    /// arrives meanwhile is returned.
-    pub fn drain(&self, timeout: Duration) -> (bool, Option<E>) {
+    /// (dead-letter writes included). Returns whether every call finished, and a failure
+    /// that arrived meanwhile (a plugin's, or the core's: a dead-letter write that failed).
+    pub fn drain(&self, timeout: Duration) -> (bool, Option<Late<E>>) {
         let mut state = self.lock();
         state.intake_closed = true;
         let deadline = Instant::now() + timeout;
@@ -870,14 +874,19 @@ impl<E: CallFailure + 'static> Pool<E> {
                     state_ref.timers.cancel(key);
                 }
             }
-            if state.lanes.iter().all(|l| l.running() == 0) {
-                return (true, state.failure.take());
-            }
-            if Instant::now() >= deadline {
-                return (false, state.failure.take());
+            let finished = state.lanes.iter().all(|l| l.running() == 0);
+            if finished || Instant::now() >= deadline {
+                let late = state.failure.take().map(Late::Plugin).or_else(|| state.source_error.take().map(Late::Core));
+                return (finished, late);
             }
             state = self.wait_progress(state, deadline);
         }
+    }
+
+    /// Whether the producer is still there, without a handle that might be the last one
+    /// (dropped under the pool's lock, it would run callbacks that take it).
+    fn has_dead_letters(&self) -> bool {
+        self.dead_letters.lock().unwrap_or_else(PoisonError::into_inner).is_some()
     }
 
     fn dead_letters(&self) -> Option<Arc<DeadLetters>> {
@@ -935,6 +944,13 @@ impl<E: CallFailure + 'static> Pool<E> {
             timers_peak: state.timers_peak,
         }
     }
+}
+
+/// A failure that came while the run was draining.
+#[derive(Debug)]
+pub enum Late<E> {
+    Plugin(E),
+    Core(Error),
 }
 
 /// How `failed` resolved a failure.

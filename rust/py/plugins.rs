@@ -287,38 +287,37 @@ impl Plugins {
         }
     }
 
+    /// An async call that could not be handed to the event loop fails (its policy applies).
+    fn fail_to_start(&self, py: Python<'_>, pool: &Pool<PluginFailure>, task: Task, error: PyErr) {
+        let failure = self.failure(py, error, &task);
+        lifecycle::worker_detach(py, || pool.complete(task, Err(failure), Duration::ZERO));
+    }
+
     /// Hands an async call to the event loop; it completes through `Completion`.
     fn start_async(&self, py: Python<'_>, pool: &Pool<PluginFailure>, task: Task) {
         let lane = &self.lanes[task.lane];
         let (call, has_deadline) = (task.call, task.deadline.is_some());
         let (Some(event_loop), Some(shared)) = (&self.event_loop, pool.shared()) else {
             let error = pyo3::exceptions::PyRuntimeError::new_err("async plugin without an event loop");
-            let failure = self.failure(py, error, &task);
-            lifecycle::worker_detach(py, || pool.complete(task, Err(failure), Duration::ZERO));
-            return;
+            return self.fail_to_start(py, pool, task, error);
         };
         let batch = match self.batch(py, &task) {
             Ok(batch) => batch,
-            Err(error) => {
-                let failure = self.failure(py, error, &task);
-                lifecycle::worker_detach(py, || pool.complete(task, Err(failure), Duration::ZERO));
-                return;
-            }
+            Err(error) => return self.fail_to_start(py, pool, task, error),
         };
+        // The task goes in once the completion exists, so a failure to make it still reports.
         let completion = Completion {
             pool: shared,
-            task: Mutex::new(Some(task)),
+            task: Mutex::new(None),
             started: Instant::now(),
             name: lane.name.clone_ref(py),
             timeout: lane.timeout,
         };
         let completion = match Py::new(py, completion) {
             Ok(completion) => completion,
-            Err(error) => {
-                log::error!("cannot start an async call: {error}");
-                return;
-            }
+            Err(error) => return self.fail_to_start(py, pool, task, error),
         };
+        *completion.get().task.lock().unwrap_or_else(PoisonError::into_inner) = Some(task);
         match event_loop.call_method1(py, "start", (lane.func.clone_ref(py), batch, completion.clone_ref(py))) {
             Ok(handle) if has_deadline => {
                 let cancel = Box::new(move || {
