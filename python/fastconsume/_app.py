@@ -712,18 +712,23 @@ class _SignalRoute:
 
     def __init__(self, read_fd: int) -> None:
         self.read_fd = read_fd
-        self.received = 0
-        self.unclaimed = 0  # deliveries taken from the wakeup fd before their handler ran
+        self.base = _core._signal_deliveries()
         self.interrupted = False
         self.stops: list[Callable[[], None]] = []
+
+    def received(self) -> int:
+        """SIGINT and SIGTERM deliveries since the route began."""
+        return _core._signal_deliveries() - self.base
 
     def handle(self, signum: int, frame: FrameType | None) -> None:
         if self.interrupted:
             return  # the other signal's handler, after this one raised: one interrupt is enough
-        delivered = _delivered(self.read_fd) + self.unclaimed
-        self.unclaimed = 0
-        self.received += max(delivered, 1)
-        if self.received > 1:
+        # One read of a count kept by the native handler, nothing written back: a handler
+        # that nests into this one (Python runs one at any bytecode boundary, in stop()'s
+        # logging too) reads a count with its own delivery in it, so neither can take the
+        # other for the first. A delivery between signal.signal() and the counting's start
+        # is not counted: this handler running is one delivery.
+        if self.received() > 1:
             self.interrupted = True
             raise KeyboardInterrupt(f"second signal {signal.Signals(signum).name}: stopping at once")
         self.stops[-1]()
@@ -742,16 +747,18 @@ def _signals_call(stop: Callable[[], None]) -> Iterator[None]:
     inner ``stop`` is the one called, the count goes on, and a signal that came before the
     inner one began calls its ``stop`` at once.
 
-    Deliveries are counted from Python's wakeup fd, which gets one byte per delivery: Python
-    runs a handler once for however many of its signal came before the main thread got to it
-    (it may wait for the GIL behind busy plugins), so two quick SIGTERMs would otherwise count
-    as one."""
+    Deliveries are counted atomically by a native handler that then passes each on to
+    Python's (:func:`fastconsume._core._count_signals`). Python runs a handler once for
+    however many of its signal came before the main thread got to it (it may wait for the GIL
+    behind busy plugins), and the count a Python handler kept itself would lose a delivery
+    whose handler nested into it; the native count is taken before Python's flag is set, so
+    every handler that runs sees its own delivery and all before it."""
     global _route  # noqa: PLW0603 -- signal handlers are process-wide
     if _route is not None:
         route = _route
         route.stops.append(stop)
         try:
-            if route.received:
+            if route.received():
                 stop()
             yield
         finally:
@@ -766,6 +773,7 @@ def _signals_call(stop: Callable[[], None]) -> Iterator[None]:
     previous = {s: signal.signal(s, route.handle) for s in STOP_SIGNALS}
     _route = route
     try:
+        _core._count_signals(list(STOP_SIGNALS))  # until signal.signal() below sets them again
         yield
     finally:
         _route = None
@@ -779,21 +787,18 @@ def _signals_call(stop: Callable[[], None]) -> Iterator[None]:
         # interpreter's exit) is still "stopping", so a second signal exits 130 at once, even
         # where Python can no longer run a handler. Handlers the application set stay.
         defaults = [s for s, h in previous.items() if h in (None, signal.SIG_DFL, signal.default_int_handler)]
-        if route.received and not route.interrupted and defaults:
+        if route.received() and not route.interrupted and defaults:
             _core._exit_at_once_on(defaults, INTERRUPTED)
 
 
-def _delivered(read_fd: int) -> int:
-    """How many SIGINT and SIGTERM deliveries the wakeup fd holds (it is emptied)."""
-    count = 0
+def _drain(read_fd: int) -> None:
+    """Empties the signals' wakeup fd (deliveries are counted natively, not from it)."""
     while True:
         try:
-            chunk = os.read(read_fd, 512)
+            if not os.read(read_fd, 512):
+                return
         except BlockingIOError:
-            return count
-        if not chunk:
-            return count
-        count += sum(1 for b in chunk if b in STOP_SIGNALS)
+            return
 
 
 _exit_code_after_exit: int | None = None
@@ -876,7 +881,7 @@ def _run_interruptibly(run: Callable[[], None]) -> None:
             if done_read in ready:
                 break
             if route is not None:
-                route.unclaimed += _delivered(route.read_fd)  # for the handler about to run
+                _drain(route.read_fd)  # the handlers run here, or just after
     finally:
         os.close(done_read)
     thread.join()

@@ -10,7 +10,9 @@ __all__ = [
     "MockCluster",
     "__version__",
     "_close_interpreter_gate",
+    "_count_signals",
     "_exit_at_once_on",
+    "_signal_deliveries",
     "inspect",
     "produce",
 ]
@@ -203,6 +205,13 @@ def _close_interpreter_gate() -> tuple[int, int]:
     """Stops native threads from attaching to the interpreter from now on (run by an
     ``atexit`` hook); returns how many worker threads are still inside a plugin call, and
     how many runs have not returned."""
+
+def _count_signals(signals: Sequence[int]) -> None:
+    """Counts every delivery of ``signals`` atomically in a native handler, then passes it on
+    to the Python handler installed now (until the signal's handler is set again)."""
+
+def _signal_deliveries() -> int:
+    """Deliveries of the signals ``_count_signals`` counts, since the process began."""
 
 def _exit_at_once_on(signals: Sequence[int], code: int) -> None:
     """Makes each of ``signals`` end the process at once with ``code`` (native handler)."""

@@ -1,4 +1,5 @@
-//! The interpreter's end, and signals once a run is over.
+//! The interpreter's end, counting stop signals where they are delivered, and signals once
+//! a run is over.
 //!
 //! On Python before 3.13 a thread that takes the GIL while the interpreter finalizes is ended
 //! with `pthread_exit`. On a thread with Rust frames that forced unwind reaches a
@@ -184,7 +185,80 @@ fn exit_at_once_on(signals: Vec<i32>, code: i32) -> PyResult<()> {
     Ok(())
 }
 
+/// Signal numbers [`count_signals`] accepts (Linux's `NSIG` is 65).
+const SIGNALS: usize = 65;
+/// Deliveries of the signals [`count_signals`] counts, since the process began.
+static DELIVERIES: AtomicUsize = AtomicUsize::new(0);
+/// Per signal number, the handler each delivery is passed on to after it is counted
+/// (Python's own C handler); 0 where none was wrapped.
+static CHAINED: [AtomicUsize; SIGNALS] = [const { AtomicUsize::new(0) }; SIGNALS];
+
+extern "C" fn count_then_chain(signum: libc::c_int) {
+    // Counted before Python's handler trips its flag: a Python handler that runs for this
+    // delivery (or after it) always reads a count that includes it, whichever thread the
+    // kernel chose and however Python's handlers nest.
+    DELIVERIES.fetch_add(1, Ordering::SeqCst);
+    let next = usize::try_from(signum).ok().and_then(|i| CHAINED.get(i)).map_or(0, |h| h.load(Ordering::SeqCst));
+    if next != 0 {
+        // SAFETY: `count_signals` stored only a real one-argument handler (not SIG_DFL or
+        // SIG_IGN, not an SA_SIGINFO one) taken from sigaction; Python's is async-signal-safe.
+        let handler = unsafe { std::mem::transmute::<usize, extern "C" fn(libc::c_int)>(next) };
+        handler(signum);
+    }
+}
+
+/// Counts every delivery of `signals` (atomically, in the process's native handler) and then
+/// passes it on to the handler installed now, which must be Python's (`signal.signal` with a
+/// Python callable). Lasts until the signal's handler is set again.
+#[pyfunction]
+#[pyo3(name = "_count_signals")]
+fn count_signals(signals: Vec<i32>) -> PyResult<()> {
+    let ours = count_then_chain as extern "C" fn(libc::c_int) as libc::sighandler_t;
+    for signum in signals {
+        let Some(chained) = usize::try_from(signum).ok().filter(|&i| i > 0).and_then(|i| CHAINED.get(i)) else {
+            return Err(pyo3::exceptions::PyValueError::new_err(format!("no such signal: {signum}")));
+        };
+        // SAFETY: a zeroed sigaction is a valid buffer for sigaction to fill in.
+        let mut current: libc::sigaction = unsafe { std::mem::zeroed() };
+        // SAFETY: a null new action only reads the current one into `current`.
+        if unsafe { libc::sigaction(signum, std::ptr::null(), &raw mut current) } != 0 {
+            let error = std::io::Error::last_os_error();
+            return Err(pyo3::exceptions::PyOSError::new_err(format!(
+                "cannot read signal {signum}'s handler: {error}"
+            )));
+        }
+        if current.sa_sigaction == ours {
+            continue; // counted already
+        }
+        if current.sa_flags & libc::SA_SIGINFO != 0
+            || current.sa_sigaction == libc::SIG_DFL
+            || current.sa_sigaction == libc::SIG_IGN
+        {
+            let message = format!("signal {signum} has no Python handler whose deliveries could be counted");
+            return Err(pyo3::exceptions::PyRuntimeError::new_err(message));
+        }
+        chained.store(current.sa_sigaction, Ordering::SeqCst); // before any delivery can reach ours
+        let mut action = current; // Python's flags and mask (no SA_RESTART: waits see EINTR)
+        action.sa_sigaction = ours;
+        // SAFETY: `action` is a valid sigaction; the handler makes only async-signal-safe calls.
+        if unsafe { libc::sigaction(signum, &raw const action, std::ptr::null_mut()) } != 0 {
+            let error = std::io::Error::last_os_error();
+            return Err(pyo3::exceptions::PyOSError::new_err(format!("cannot count signal {signum}: {error}")));
+        }
+    }
+    Ok(())
+}
+
+/// How many deliveries of the signals [`count_signals`] counts came since the process began.
+#[pyfunction]
+#[pyo3(name = "_signal_deliveries")]
+fn signal_deliveries() -> usize {
+    DELIVERIES.load(Ordering::SeqCst)
+}
+
 pub fn init_pymodule(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(close, m)?)?;
+    m.add_function(wrap_pyfunction!(count_signals, m)?)?;
+    m.add_function(wrap_pyfunction!(signal_deliveries, m)?)?;
     m.add_function(wrap_pyfunction!(exit_at_once_on, m)?)
 }
