@@ -33,7 +33,6 @@ PAIRS = ((signal.SIGTERM, signal.SIGTERM), (signal.SIGINT, signal.SIGTERM))
 # Two deliveries of one signal closer than this may be merged by the kernel (a signal already
 # pending is not queued twice), so they may count as one: either exit is right then.
 MERGE_WINDOW = 0.002
-FETCHED_BATCH = 250  # ledger_app's largest batch_size: the unit in which offsets are committed
 EXIT_AFTER_SIGNALS = 30.0  # generous: a graceful stop here waits for calls of at most ~1 s
 
 
@@ -108,14 +107,14 @@ def check_commits(what: str, directory: Path, process: str, offsets: list[int], 
         past = [p for p in range(PARTITIONS) if offsets[p] > ends[p]]
         assert not past, f"{what}: committed past what {plugin} finished on partitions {past}: {ends}"
     if code == 0:
-        # A graceful stop lets the running calls return and commits what is done, in whole
-        # fetched batches: a batch some plugin has not finished yet stays (comes again).
+        # A graceful stop lets the running calls return and commits, call by call, everything
+        # every plugin finished.
         assert committed_all_finished(offsets, finished), f"{what}: a graceful stop left work uncommitted: {finished}"
 
 
 def committed_all_finished(offsets: list[int], finished: list[list[int]]) -> bool:
-    done = [min(ends) for ends in zip(*finished, strict=True)]
-    return all(0 <= d - o < FETCHED_BATCH for o, d in zip(offsets, done, strict=True))
+    """Whether the committed offsets are exactly what every plugin finished."""
+    return offsets == [min(ends) for ends in zip(*finished, strict=True)]
 
 
 def test_double_signals_at_random_points_exit_130_and_commit_nothing_unfinished(
