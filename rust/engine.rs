@@ -463,19 +463,25 @@ mod tests {
         assert!(started.elapsed() < Duration::from_secs(10));
     }
 
+    /// A lane that writes what fails, at once, to `topic`.
+    fn dead_letter_lane(name: &str, topic: &str) -> LaneOptions {
+        let mut options = lane(name, 10, 1);
+        options.retry = RetryPolicy {
+            retries: 0,
+            first_backoff: Duration::from_millis(10),
+            max_backoff: Duration::from_millis(10),
+            on_failure: OnFailure::DeadLetter(topic.into()),
+        };
+        options
+    }
+
     #[test]
     fn a_dead_letter_write_that_cannot_complete_shows_while_it_waits_then_ends_the_run_at_its_bound() {
         let (_cluster, mut config) = seeded(&[20; 1]);
         // The dead-letter topic does not exist and may not be created: the write waits.
         config.kafka.push(("allow.auto.create.topics".into(), "false".into()));
         let engine = Engine::default();
-        let mut dead_letters = lane("a", 10, 1);
-        dead_letters.retry = RetryPolicy {
-            retries: 0,
-            first_backoff: Duration::from_millis(10),
-            max_backoff: Duration::from_millis(10),
-            on_failure: OnFailure::DeadLetter("missing".into()),
-        };
+        let dead_letters = dead_letter_lane("a", "missing");
         let options =
             RunOptions { idle_timeout: None, dlq_timeout: Duration::from_millis(1500), ..drain(vec![dead_letters]) };
         let started = Instant::now();
@@ -518,13 +524,7 @@ mod tests {
         let (_cluster, mut config) = seeded(&[20; 1]);
         config.kafka.push(("allow.auto.create.topics".into(), "false".into()));
         let engine = Engine::default();
-        let mut dead_letters = lane("a", 10, 1);
-        dead_letters.retry = RetryPolicy {
-            retries: 0,
-            first_backoff: Duration::from_millis(10),
-            max_backoff: Duration::from_millis(10),
-            on_failure: OnFailure::DeadLetter("missing".into()),
-        };
+        let dead_letters = dead_letter_lane("a", "missing");
         let options =
             RunOptions { idle_timeout: None, dlq_timeout: Duration::from_millis(1500), ..drain(vec![dead_letters]) };
         let outcome = std::thread::scope(|scope| {

@@ -309,7 +309,7 @@ def _log_tail(workdir: Path, lines: int = 40, since: int = 0) -> str:
     return "\n".join(tail) if tail else "(broker.log is empty)"
 
 
-def _format_storage(java: str, libs: Path, workdir: Path) -> None:
+def _format_storage(java: str, libs: Path, workdir: Path, extra: Sequence[str] = ()) -> None:
     # With static voters (controller.quorum.voters) format takes no --standalone flag.
     cmd = [
         java, f"-Dlog4j2.configurationFile={LOG4J_CONFIG}",
@@ -317,6 +317,7 @@ def _format_storage(java: str, libs: Path, workdir: Path) -> None:
         "kafka.tools.StorageTool", "format",
         "-t", _cluster_id(),
         "-c", str(workdir / PROPS_FILE),
+        *extra,
     ]  # fmt: skip
     res = subprocess.run(cmd, check=False, stdin=subprocess.DEVNULL, capture_output=True, text=True)
     with (workdir / LOG_FILE).open("a") as log:
@@ -574,22 +575,7 @@ def _secure_overrides(ports: tuple[int, int, int, int], keystore: Path) -> dict[
 
 def _format_secure_storage(java: str, libs: Path, workdir: Path, username: str, password: str) -> None:
     """As _format_storage, creating the SCRAM user in the same step."""
-    cmd = [
-        java, f"-Dlog4j2.configurationFile={LOG4J_CONFIG}",
-        "-cp", str(libs / "*"),
-        "kafka.tools.StorageTool", "format",
-        "-t", _cluster_id(),
-        "-c", str(workdir / PROPS_FILE),
-        "--add-scram", f"{SCRAM_MECHANISM}=[name={username},password={password}]",
-    ]  # fmt: skip
-    res = subprocess.run(cmd, check=False, stdin=subprocess.DEVNULL, capture_output=True, text=True)
-    with (workdir / LOG_FILE).open("a") as log:
-        log.write(res.stdout + res.stderr)
-    if res.returncode != 0:
-        raise BrokerError(
-            f"kafka StorageTool format failed ({res.returncode}) in {workdir}:\n"
-            f"{(res.stdout + res.stderr).strip()[-4000:]}"
-        )
+    _format_storage(java, libs, workdir, ["--add-scram", f"{SCRAM_MECHANISM}=[name={username},password={password}]"])
 
 
 def start_secure(
