@@ -309,6 +309,16 @@ def _log_tail(workdir: Path, lines: int = 40, since: int = 0) -> str:
     return "\n".join(tail) if tail else "(broker.log is empty)"
 
 
+def _free_workdir(workdir: str | os.PathLike[str]) -> Path:
+    """`workdir`, resolved and created; BrokerError if a broker already runs in it."""
+    wd = Path(workdir).resolve()
+    wd.mkdir(parents=True, exist_ok=True)
+    running = _running_pid(wd)
+    if running is not None:
+        raise BrokerError(f"a broker is already running in {wd} (pid {running}); stop it first")
+    return wd
+
+
 def _format_storage(java: str, libs: Path, workdir: Path, extra: Sequence[str] = ()) -> None:
     # With static voters (controller.quorum.voters) format takes no --standalone flag.
     cmd = [
@@ -380,11 +390,7 @@ def start(
     Ready means the broker answers on its client port and the group coordinator
     (__consumer_offsets) is available. Raises BrokerError, quoting broker.log's tail.
     """
-    wd = Path(workdir).resolve()
-    wd.mkdir(parents=True, exist_ok=True)
-    running = _running_pid(wd)
-    if running is not None:
-        raise BrokerError(f"a broker is already running in {wd} (pid {running}); stop it first")
+    wd = _free_workdir(workdir)
     libs = fetch()
     java = _java()
     old_props = wd / PROPS_FILE
@@ -589,11 +595,7 @@ def start_secure(
     listeners in `workdir`; wait until ready. The SCRAM user `username` gets a random password
     when the storage is first formatted (kept in the workdir, mode 0600, for restarts). Fresh
     ports each time. Raises BrokerError."""
-    wd = Path(workdir).resolve()
-    wd.mkdir(parents=True, exist_ok=True)
-    running = _running_pid(wd)
-    if running is not None:
-        raise BrokerError(f"a broker is already running in {wd} (pid {running}); stop it first")
+    wd = _free_workdir(workdir)
     libs = fetch()
     java = _java()
     tls = make_certificates(wd / TLS_DIR)

@@ -139,6 +139,21 @@ def describe_summary(stats: dict[str, Any], outcome: str, elapsed: float) -> str
     return "; ".join(part for part in (head, plugins, f"committed {committed or '-'}") if part)
 
 
+def _progress(
+    app: App, interval: float, done: threading.Event, started: float
+) -> Iterator[tuple[dict[str, Any], str, float]]:
+    """Every ``interval`` seconds until ``done``: ``app.stats()``, the progress line made from
+    it and the previous sample, and the time it was taken."""
+    last, last_time = app.stats(), started
+    while not done.wait(interval):
+        stats = app.stats()
+        now = time.monotonic()
+        elapsed = max(now - last_time, 1e-9)
+        rate = max(stats["messages"] - last["messages"], 0) / elapsed
+        yield stats, describe_progress(stats, rate, last, elapsed), now
+        last, last_time = stats, now
+
+
 @contextmanager
 def run_report(
     app: App, *, workers: int, interval: float, logger: logging.Logger, ended: Callable[[], str]
@@ -154,14 +169,8 @@ def run_report(
 
     def report() -> None:
         try:
-            last, last_time = app.stats(), started
-            while not done.wait(interval):
-                stats = app.stats()
-                now = time.monotonic()
-                elapsed = max(now - last_time, 1e-9)
-                rate = max(stats["messages"] - last["messages"], 0) / elapsed
-                logger.info("progress: %s", describe_progress(stats, rate, last, elapsed))
-                last, last_time = stats, now
+            for _, line, _ in _progress(app, interval, done, started):
+                logger.info("progress: %s", line)
         except Exception:  # the run goes on without progress lines, but not silently
             logger.exception("progress lines stopped")
 
@@ -265,17 +274,10 @@ def progress_line(app: App) -> Iterator[None]:
     started = time.monotonic()
 
     def show() -> None:
-        last, last_time = app.stats(), started
-        while not done.wait(PROGRESS_INTERVAL):
-            stats = app.stats()
-            now = time.monotonic()
-            elapsed = max(now - last_time, 1e-9)
-            rate = max(stats["messages"] - last["messages"], 0) / elapsed
+        for stats, line, now in _progress(app, PROGRESS_INTERVAL, done, started):
             running = sum(p["in_flight"] for p in stats["plugins"].values())
             # The clock and the running calls move even while a long call holds everything else still.
-            line = describe_progress(stats, rate, last, elapsed)
             screen.draw(f"[{now - started:,.0f}s] {line}  {running} running")
-            last, last_time = stats, now
 
     thread = threading.Thread(target=show, name="fastconsume-progress", daemon=True)
     thread.start()
