@@ -1,26 +1,23 @@
-//! fastconsume's native core: a Kafka poll loop, per-plugin lanes on a bounded worker pool,
-//! offset tracking, and the pyo3 boundary that calls Python plugins once per batch.
+//! fastconsume's native core. Four layers, each using only those below it:
 //!
-//! Only `py` knows about Python; everything else is tested with plain `cargo test`.
+//! - `core`: pure state. Batches, lanes, offsets, the timer wheel, rate limits, counters,
+//!   errors, and `core::sched`, the scheduler: the engine as a state machine with no I/O.
+//! - `kafka`: the Kafka side. The consumer and its poll loop, the bulk fetch, commits, the
+//!   dead-letter producer, `inspect`, the mock cluster. It hands batches and rebalances to an
+//!   `Intake`, and never sees the scheduler.
+//! - `engine`: a run's threads. The scheduler behind one lock, the `Intake` the Kafka side
+//!   feeds, and the workers, generic over the `Host` that makes the calls.
+//! - `py`: the pyo3 edge, the only part that knows Python; it is the engine's `Host`.
+//!
+//! Everything but `py` is tested with plain `cargo test`.
 
-pub mod batch;
-pub mod config;
-pub mod dlq;
-pub mod engine;
-pub mod errors;
-pub mod fetch;
-pub mod inspect;
-pub mod lane;
-pub mod limit;
-pub mod mock;
-pub mod offsets;
-pub mod pool;
-pub mod seed;
-pub mod source;
-pub mod stats;
-pub mod timer;
-
+mod core;
+mod engine;
+mod kafka;
 mod py;
+
+/// The timer wheel, for its benchmark.
+pub use crate::core::timer;
 
 use pyo3::prelude::*;
 

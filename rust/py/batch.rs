@@ -10,8 +10,8 @@ use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
 use pyo3::types::{PyBytes, PyList, PyString, PyTuple};
 
-use crate::batch::Batch;
-use crate::lane::Chunk;
+use crate::core::batch::Batch;
+use crate::core::lane::Chunk;
 
 /// A Kafka message. Immutable; shared by every plugin that sees it.
 #[pyclass(frozen, module = "fastconsume._core", name = "Message")]

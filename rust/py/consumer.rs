@@ -13,10 +13,10 @@ use super::errors::to_pyerr;
 use super::lifecycle;
 use super::logs::{self, LOG_LINES_BEFORE_AN_ERROR};
 use super::plugins::{PluginFailure, PluginSpec, Plugins, RateLimitSpec};
-use crate::config::SourceConfig;
+use crate::core::errors::Error;
+use crate::core::lane::{LaneOptions, OnFailure, RetryPolicy};
 use crate::engine::{Engine, RunError, RunOptions};
-use crate::errors::Error;
-use crate::lane::{LaneOptions, OnFailure, RetryPolicy};
+use crate::kafka::config::SourceConfig;
 
 #[pyclass(frozen, module = "fastconsume._core", name = "Consumer")]
 pub struct PyConsumer {
@@ -108,7 +108,7 @@ impl PyConsumer {
         };
         let plugins = Arc::new(Plugins::new(py, &plugins, event_loop));
         let outcome = lifecycle::detach(py, || {
-            let outcome = self.engine.run(&self.config, &options, move |pool| plugins.serve(pool));
+            let outcome = self.engine.run(&self.config, &options, plugins);
             if outcome.is_err() {
                 // The lines logged on the way to the failure come before the exception.
                 logs::flush(LOG_LINES_BEFORE_AN_ERROR);

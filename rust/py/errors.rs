@@ -4,7 +4,7 @@
 
 use pyo3::prelude::*;
 
-use crate::errors::{ConnectFailure, Error};
+use crate::core::errors::{ConnectFailure, Error};
 
 /// Instantiates `fastconsume.errors.<name>(message)` as a `PyErr`.
 pub fn exception(py: Python<'_>, name: &str, message: String) -> PyErr {

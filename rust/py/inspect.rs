@@ -6,7 +6,7 @@ use pyo3::types::{PyDict, PyList};
 use super::consumer::source_config;
 use super::errors::to_pyerr;
 use super::logs::{self, LOG_LINES_BEFORE_AN_ERROR};
-use crate::inspect::Report;
+use crate::kafka::inspect::Report;
 
 /// Connects (each broker call bounded by `connect_timeout` seconds) and reports the brokers,
 /// the group's state, members and assignment, and per topic its partitions' watermarks,
@@ -24,7 +24,7 @@ fn inspect(
     let config = source_config(py, bootstrap, group, topics, kafka, connect_timeout, false)?;
     let report = py
         .detach(|| {
-            let report = crate::inspect::inspect(&config);
+            let report = crate::kafka::inspect::inspect(&config);
             if report.is_err() {
                 logs::flush(LOG_LINES_BEFORE_AN_ERROR); // the lines that led to it come first
             }

@@ -3,8 +3,8 @@
 use pyo3::prelude::*;
 
 use super::errors::to_pyerr;
-use crate::mock::MockKafka;
-use crate::seed::{self, Record};
+use crate::kafka::mock::MockKafka;
+use crate::kafka::seed::{self, Record};
 
 /// librdkafka's in-process Kafka cluster. It lives until this object is collected.
 #[pyclass(frozen, module = "fastconsume._core", name = "MockCluster")]

@@ -12,7 +12,7 @@
 //! exception that asks the process to exit (`SystemExit`, `KeyboardInterrupt`) is fatal:
 //! the run ends with it whatever the policy. A worker thread that panics fails the run.
 
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use pyo3::exceptions::{PyKeyboardInterrupt, PySystemExit, PyTypeError};
@@ -23,9 +23,10 @@ use pyo3::types::{PyString, PyType};
 use super::batch::PyBatch;
 use super::errors::exception;
 use super::lifecycle;
-use crate::errors::Error;
-use crate::limit::RateLimit;
-use crate::pool::{CallFailure, Pool, Task};
+use crate::core::errors::Error;
+use crate::core::limit::RateLimit;
+use crate::core::sched::{CallFailure, Task};
+use crate::engine::{Completer, Host, Worker};
 
 /// `fastconsume.RateLimit`, read by attribute.
 #[derive(FromPyObject)]
@@ -205,9 +206,9 @@ fn returned_mistake(py: Python<'_>, plugin: &str, returned: &Bound<'_, PyAny>) -
     Some(PyTypeError::new_err(message))
 }
 
-/// Fails the run if the worker thread it watches unwinds, instead of leaving the pool
+/// Fails the run if the worker thread it watches unwinds, instead of leaving the engine
 /// waiting for a call that will never complete.
-struct WorkerWatch<'a>(&'a Pool<PluginFailure>);
+struct WorkerWatch<'a>(&'a Worker<PluginFailure>);
 
 impl Drop for WorkerWatch<'_> {
     fn drop(&mut self) {
@@ -231,6 +232,28 @@ pub struct Plugins {
     event_loop: Option<Py<PyAny>>,
 }
 
+impl Host for Plugins {
+    type Failure = PluginFailure;
+
+    /// One worker thread's whole life: attached to the interpreter once, detached while it
+    /// waits for a call and while it reports one.
+    fn serve(&self, worker: &Worker<PluginFailure>) {
+        let _watch = WorkerWatch(worker);
+        lifecycle::worker_attach(|py| {
+            while let Some(task) = lifecycle::worker_detach(py, || worker.next()) {
+                if self.lanes[task.lane].is_async {
+                    self.start_async(py, worker, task);
+                    continue;
+                }
+                let started = Instant::now();
+                let outcome = self.call(py, &task);
+                let took = started.elapsed();
+                lifecycle::worker_detach(py, || worker.complete(task, outcome, took));
+            }
+        });
+    }
+}
+
 impl Plugins {
     pub fn new(py: Python<'_>, specs: &[PluginSpec], event_loop: Option<Py<PyAny>>) -> Self {
         let lanes = specs
@@ -243,23 +266,6 @@ impl Plugins {
             })
             .collect();
         Plugins { lanes, event_loop }
-    }
-
-    /// One worker thread's whole life.
-    pub fn serve(&self, pool: &Pool<PluginFailure>) {
-        let _watch = WorkerWatch(pool);
-        lifecycle::worker_attach(|py| {
-            while let Some(task) = lifecycle::worker_detach(py, || pool.next_task()) {
-                if self.lanes[task.lane].is_async {
-                    self.start_async(py, pool, task);
-                    continue;
-                }
-                let started = Instant::now();
-                let outcome = self.call(py, &task);
-                let took = started.elapsed();
-                lifecycle::worker_detach(py, || pool.complete(task, outcome, took));
-            }
-        });
     }
 
     fn batch(&self, py: Python<'_>, task: &Task) -> PyResult<Py<PyBatch>> {
@@ -288,26 +294,26 @@ impl Plugins {
     }
 
     /// An async call that could not be handed to the event loop fails (its policy applies).
-    fn fail_to_start(&self, py: Python<'_>, pool: &Pool<PluginFailure>, task: Task, error: PyErr) {
+    fn fail_to_start(&self, py: Python<'_>, worker: &Worker<PluginFailure>, task: Task, error: PyErr) {
         let failure = self.failure(py, error, &task);
-        lifecycle::worker_detach(py, || pool.complete(task, Err(failure), Duration::ZERO));
+        lifecycle::worker_detach(py, || worker.complete(task, Err(failure), Duration::ZERO));
     }
 
     /// Hands an async call to the event loop; it completes through `Completion`.
-    fn start_async(&self, py: Python<'_>, pool: &Pool<PluginFailure>, task: Task) {
+    fn start_async(&self, py: Python<'_>, worker: &Worker<PluginFailure>, task: Task) {
         let lane = &self.lanes[task.lane];
         let (call, has_deadline) = (task.call, task.deadline.is_some());
-        let (Some(event_loop), Some(shared)) = (&self.event_loop, pool.shared()) else {
+        let Some(event_loop) = &self.event_loop else {
             let error = pyo3::exceptions::PyRuntimeError::new_err("async plugin without an event loop");
-            return self.fail_to_start(py, pool, task, error);
+            return self.fail_to_start(py, worker, task, error);
         };
         let batch = match self.batch(py, &task) {
             Ok(batch) => batch,
-            Err(error) => return self.fail_to_start(py, pool, task, error),
+            Err(error) => return self.fail_to_start(py, worker, task, error),
         };
         // The task goes in once the completion exists, so a failure to make it still reports.
         let completion = Completion {
-            pool: shared,
+            completer: worker.completer(),
             task: Mutex::new(None),
             started: Instant::now(),
             name: lane.name.clone_ref(py),
@@ -315,7 +321,7 @@ impl Plugins {
         };
         let completion = match Py::new(py, completion) {
             Ok(completion) => completion,
-            Err(error) => return self.fail_to_start(py, pool, task, error),
+            Err(error) => return self.fail_to_start(py, worker, task, error),
         };
         *completion.get().task.lock().unwrap_or_else(PoisonError::into_inner) = Some(task);
         match event_loop.call_method1(py, "start", (lane.func.clone_ref(py), batch, completion.clone_ref(py))) {
@@ -330,7 +336,7 @@ impl Plugins {
                         }
                     });
                 });
-                lifecycle::worker_detach(py, || pool.cancel_with(call, cancel));
+                lifecycle::worker_detach(py, || worker.cancel_with(call, cancel));
             }
             Ok(_) => {}
             Err(error) => completion.get().fail_to_start(py, error),
@@ -338,11 +344,11 @@ impl Plugins {
     }
 }
 
-/// Reports an async call's outcome to the pool; called by its asyncio task when done, on the
+/// Reports an async call's outcome to the engine; called by its asyncio task when done, on the
 /// event loop's thread.
 #[pyclass(frozen, module = "fastconsume._core", name = "Completion")]
 pub struct Completion {
-    pool: Arc<Pool<PluginFailure>>,
+    completer: Completer<PluginFailure>,
     task: Mutex<Option<Task>>,
     started: Instant,
     name: Py<PyString>,
@@ -358,7 +364,7 @@ impl Completion {
         let took = self.started.elapsed();
         let name = self.name.bind(py).to_string_lossy().into_owned();
         let outcome = outcome.map_err(|error| PluginFailure::new(py, error, &name, &task, fatal));
-        lifecycle::detach(py, || self.pool.complete(task, outcome, took));
+        lifecycle::detach(py, || self.completer.complete(task, outcome, took));
     }
 
     fn fail_to_start(&self, py: Python<'_>, error: PyErr) {

@@ -9,11 +9,11 @@ use std::ops::Range;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::batch::{Batch, Partition};
-use crate::limit::{Limiter, RateLimit};
-use crate::offsets::Epoch;
-use crate::stats::LaneStats;
-use crate::timer::TimerKey;
+use crate::core::batch::{Batch, Partition};
+use crate::core::limit::{Limiter, RateLimit};
+use crate::core::offsets::Epoch;
+use crate::core::stats::LaneStats;
+use crate::core::timer::TimerKey;
 
 /// What happens to a batch once a plugin has failed it `retries + 1` times.
 #[derive(Clone, Debug, PartialEq)]
@@ -37,6 +37,7 @@ pub struct RetryPolicy {
 
 impl RetryPolicy {
     /// No retries: a failure ends the run.
+    #[cfg(test)]
     pub fn stop() -> Self {
         RetryPolicy {
             retries: 0,
@@ -82,6 +83,7 @@ pub struct LaneOptions {
 
 impl LaneOptions {
     /// Options with no deadline, no rate limit and no retries.
+    #[cfg(test)]
     pub fn new(name: &str, batch_size: usize, concurrency: usize, max_queued: usize) -> Self {
         LaneOptions {
             name: name.into(),
@@ -189,7 +191,7 @@ pub struct Lane {
 }
 
 impl Lane {
-    pub fn new(options: LaneOptions) -> crate::errors::Result<Self> {
+    pub fn new(options: LaneOptions) -> crate::core::errors::Result<Self> {
         let limiter = options.rate_limit.map(Limiter::new).transpose()?;
         Ok(Lane {
             options,
@@ -395,28 +397,9 @@ impl Lane {
 
 #[cfg(test)]
 mod tests {
-    use rdkafka::message::{OwnedMessage, Timestamp};
-
     use super::*;
-    use crate::batch::BatchBuilder;
-    use crate::offsets::OffsetTracker;
-
-    fn batch(partition: i32, first: i64, count: i64) -> Arc<Batch> {
-        let mut builder = BatchBuilder::new(Partition { topic: Arc::from("t"), partition });
-        for offset in first..first + count {
-            let m = OwnedMessage::new(
-                Some(vec![0; 10]),
-                None,
-                "t".into(),
-                Timestamp::NotAvailable,
-                partition,
-                offset,
-                None,
-            );
-            builder.push(&m);
-        }
-        builder.take()
-    }
+    use crate::core::batch::testing::batch;
+    use crate::core::offsets::OffsetTracker;
 
     fn lane(batch_size: usize, concurrency: usize, max_queued: usize) -> Lane {
         Lane::new(LaneOptions::new("l", batch_size, concurrency, max_queued)).expect("valid")

@@ -10,9 +10,10 @@ use std::time::Duration;
 
 use rdkafka::bindings as rd;
 use rdkafka::consumer::Consumer;
+use rdkafka::message::{Headers, Message};
 
-use crate::batch::{Fetched, HeaderSink, Partition};
-use crate::source::KafkaConsumer;
+use crate::core::batch::{Fetched, HeaderSink, Partition};
+use crate::kafka::consumer::KafkaConsumer;
 
 /// Our queue of fetched messages. Owned: destroyed on drop, before the consumer.
 pub struct FetchQueue {
@@ -187,5 +188,32 @@ impl Drop for RawMessage {
     fn drop(&mut self) {
         // SAFETY: librdkafka handed us this message; it is destroyed once, here.
         unsafe { rd::rd_kafka_message_destroy(self.message.as_ptr()) }
+    }
+}
+
+/// rust-rdkafka's own messages (those `BaseConsumer::poll` returns, and the tests').
+impl<M: Message> Fetched for M {
+    fn offset(&self) -> i64 {
+        Message::offset(self)
+    }
+
+    fn timestamp(&self) -> Option<i64> {
+        Message::timestamp(self).to_millis()
+    }
+
+    fn key(&self) -> Option<&[u8]> {
+        Message::key(self)
+    }
+
+    fn value(&self) -> Option<&[u8]> {
+        self.payload()
+    }
+
+    fn for_each_header(&self, f: &mut HeaderSink<'_>) {
+        if let Some(headers) = self.headers() {
+            for header in headers.iter() {
+                f(header.key.as_bytes(), header.value);
+            }
+        }
     }
 }

@@ -5,7 +5,8 @@ use rdkafka::mocking::MockCluster;
 use rdkafka::producer::{BaseProducer, DefaultProducerContext, Producer};
 use rdkafka::ClientConfig;
 
-use crate::errors::{Error, Result};
+use crate::core::errors::{Error, Result};
+use crate::kafka::errors::to_error;
 
 /// How long the mock's group coordinator waits for more members before the first
 /// assignment. Its default, 3 s like a broker's `group.initial.rebalance.delay.ms`, made
@@ -30,7 +31,7 @@ impl MockKafka {
         let owner: BaseProducer = ClientConfig::new()
             .set("test.mock.num.brokers", brokers.to_string())
             .create()
-            .map_err(|e| Error::kafka("start mock cluster", e))?;
+            .map_err(|e| to_error("start mock cluster", e))?;
         // SAFETY: the handle is alive for the borrow; a non-null cluster lives as long as it.
         let cluster = unsafe { rdkafka::bindings::rd_kafka_handle_mock_cluster(owner.client().native_ptr()) };
         if cluster.is_null() {
@@ -60,7 +61,7 @@ impl MockKafka {
         if partitions < 1 {
             return Err(Error::Config(format!("a topic needs at least one partition, got {partitions}")));
         }
-        self.cluster()?.create_topic(topic, partitions, 1).map_err(|e| Error::kafka("create mock topic", e))
+        self.cluster()?.create_topic(topic, partitions, 1).map_err(|e| to_error("create mock topic", e))
     }
 }
 
@@ -70,15 +71,16 @@ impl MockKafka {
 /// # Panics
 /// If the mock cluster cannot be set up.
 #[cfg(test)]
-pub fn seeded(per_partition: &[usize]) -> (MockKafka, crate::config::SourceConfig) {
+pub fn seeded(per_partition: &[usize]) -> (MockKafka, crate::kafka::config::SourceConfig) {
     let cluster = MockKafka::new(1).expect("mock cluster");
     cluster.create_topic("t", per_partition.len() as i32).expect("topic");
     for (p, &count) in per_partition.iter().enumerate() {
         let values = vec![b"v".to_vec(); count];
-        let records = values.iter().map(|v| crate::seed::Record { key: None, value: v, partition: Some(p as i32) });
-        crate::seed::produce(&cluster.bootstrap(), "t", records).expect("produce");
+        let records =
+            values.iter().map(|v| crate::kafka::seed::Record { key: None, value: v, partition: Some(p as i32) });
+        crate::kafka::seed::produce(&cluster.bootstrap(), "t", records).expect("produce");
     }
-    let config = crate::config::SourceConfig {
+    let config = crate::kafka::config::SourceConfig {
         bootstrap: cluster.bootstrap(),
         group: "g".into(),
         topics: vec!["t".into()],
@@ -91,8 +93,8 @@ pub fn seeded(per_partition: &[usize]) -> (MockKafka, crate::config::SourceConfi
 
 /// A consumer config naming a port nothing listens on, with a 500 ms connect timeout.
 #[cfg(test)]
-pub fn unreachable() -> crate::config::SourceConfig {
-    crate::config::SourceConfig {
+pub fn unreachable() -> crate::kafka::config::SourceConfig {
+    crate::kafka::config::SourceConfig {
         bootstrap: "127.0.0.1:1".into(),
         group: "g".into(),
         topics: vec!["t".into()],

@@ -5,7 +5,8 @@ use std::time::Duration;
 
 use rdkafka::ClientConfig;
 
-use crate::errors::{Error, Result};
+use crate::core::errors::{Error, Result};
+use crate::kafka::errors::to_error;
 
 /// Properties fastconsume sets itself; a user value would break a guarantee or fight an
 /// argument of `App`, so passing one through `kafka=` is rejected.
@@ -64,7 +65,7 @@ impl SourceConfig {
                 return Err(Error::Property { name: name.clone(), reason: format!("set by fastconsume: {why}") });
             }
         }
-        self.client_config().create_native_config().map_err(|e| Error::kafka("configuration", e))?;
+        self.client_config().create_native_config().map_err(|e| to_error("configuration", e))?;
         Ok(())
     }
 

@@ -10,7 +10,7 @@ use governor::middleware::NoOpMiddleware;
 use governor::state::{InMemoryState, NotKeyed};
 use governor::{Quota, RateLimiter};
 
-use crate::errors::{Error, Result};
+use crate::core::errors::{Error, Result};
 
 /// A rate and the most messages let through at once.
 #[derive(Clone, Copy, Debug, PartialEq)]

@@ -1,150 +1,47 @@
-//! The crate's error type. It stays free of pyo3; `py::errors` maps each variant to the
-//! matching Python exception at the boundary.
+//! librdkafka's errors as the core sees them: `KafkaError` becomes the core's `Error` (a code
+//! and a message), error events are classified into connect failures, and repeats are
+//! collapsed before they are logged.
 
-use std::fmt;
 use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 
-/// Everything the core can fail with, each variant carrying enough to name the cause.
-#[derive(Debug)]
-pub enum Error {
-    /// A setting is wrong: the user can fix it (maps to `ValueError`).
-    Config(String),
-    /// librdkafka rejected a property: `(property, librdkafka's reason)`.
-    Property { name: String, reason: String },
-    /// The brokers could not be reached within the connect timeout, or refused the client
-    /// for good (authentication, TLS), which ends the wait at once.
-    Connect { bootstrap: String, waited_ms: u64, failure: ConnectFailure, last_error: Option<String> },
-    /// Topics the cluster does not have (and `wait_for_topics` is off).
-    UnknownTopics { bootstrap: String, topics: Vec<String> },
-    /// Produced messages were not acknowledged.
-    Delivery { topic: String, failed: u64, sent: u64 },
-    /// A plugin's dead letters were not acknowledged (boxed: it is large and rare).
-    DeadLetter(Box<DeadLetterFailure>),
-    /// A bug or a resource failure inside fastconsume (a thread that could not start or
-    /// panicked).
-    Internal(String),
-    /// Kafka failed in a way that stops the consumer.
-    Kafka { context: &'static str, source: KafkaError },
-}
+use crate::core::errors::{ConnectFailure, Error};
 
-pub type Result<T> = std::result::Result<T, Error>;
-
-/// Which dead letters were not written, and why.
-#[derive(Debug)]
-pub struct DeadLetterFailure {
-    pub plugin: String,
-    /// The dead-letter topic.
-    pub topic: String,
-    /// The messages, as `Batch::describe` names them: partition and offsets.
-    pub what: String,
-    pub failed: u64,
-    pub sent: u64,
-    /// librdkafka's error code and text, and what else is known (its last error, the bound).
-    pub cause: String,
-}
-
-impl Error {
-    pub(crate) fn kafka(context: &'static str, source: KafkaError) -> Self {
-        match source {
-            KafkaError::ClientConfig(_, reason, name, _) => Error::Property { name, reason },
-            source => Error::Kafka { context, source },
+/// The core's error for a `KafkaError`: a rejected property names it, anything else keeps
+/// librdkafka's code and message.
+pub fn to_error(context: &'static str, source: KafkaError) -> Error {
+    match source {
+        KafkaError::ClientConfig(_, reason, name, _) => Error::Property { name, reason },
+        source => {
+            let code = source.rdkafka_error_code().map_or_else(|| "no code".to_string(), |c| format!("{c:?}"));
+            Error::Kafka { context, code, message: source.to_string() }
         }
     }
 }
 
-impl fmt::Display for Error {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Error::Config(message) | Error::Internal(message) => f.write_str(message),
-            Error::Property { name, reason } => write!(f, "librdkafka property {name:?}: {reason}"),
-            Error::Connect { bootstrap, waited_ms, failure, last_error } => {
-                match failure {
-                    ConnectFailure::Unreachable => {
-                        write!(f, "could not reach Kafka at {bootstrap} within {waited_ms} ms")?;
-                    }
-                    ConnectFailure::Authentication => {
-                        write!(f, "authentication with Kafka at {bootstrap} failed after {waited_ms} ms")?;
-                    }
-                    ConnectFailure::Tls => write!(f, "TLS with Kafka at {bootstrap} failed after {waited_ms} ms")?,
-                }
-                if let Some(last) = last_error {
-                    write!(f, " (last error: {last})")?;
-                }
-                Ok(())
-            }
-            Error::UnknownTopics { bootstrap, topics } => {
-                let s = if topics.len() == 1 { "" } else { "s" };
-                write!(
-                    f,
-                    "unknown topic{s} {} at {bootstrap}: create {}, or set wait_for_topics=True to wait for {}",
-                    topics.iter().map(|t| format!("{t:?}")).collect::<Vec<_>>().join(", "),
-                    if topics.len() == 1 { "it" } else { "them" },
-                    if topics.len() == 1 { "it" } else { "them" },
-                )
-            }
-            Error::Delivery { topic, failed, sent } => {
-                write!(f, "{failed} of {sent} messages to {topic:?} were not delivered")
-            }
-            Error::DeadLetter(d) => write!(
-                f,
-                "plugin {:?}: dead-letter write of {} to {:?} failed ({} of {} not delivered): {}",
-                d.plugin, d.what, d.topic, d.failed, d.sent, d.cause
-            ),
-            Error::Kafka { context, source } => write!(f, "{context}: {source}"),
+/// Classifies one of librdkafka's error events; `None` for the ones that only repeat
+/// another ("all brokers are down" follows each broker's own failure).
+#[must_use]
+pub fn classify_error(error: &KafkaError, reason: &str) -> Option<ConnectFailure> {
+    let code = match error {
+        KafkaError::Global(code)
+        | KafkaError::MessageConsumption(code)
+        | KafkaError::MessageConsumptionFatal(code)
+        | KafkaError::MetadataFetch(code) => Some(*code),
+        _ => None,
+    };
+    match code {
+        Some(RDKafkaErrorCode::AllBrokersDown) => None,
+        Some(RDKafkaErrorCode::Authentication | RDKafkaErrorCode::SaslAuthenticationFailed) => {
+            Some(ConnectFailure::Authentication)
         }
-    }
-}
-
-impl std::error::Error for Error {
-    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-        match self {
-            Error::Kafka { source, .. } => Some(source),
-            _ => None,
-        }
-    }
-}
-
-/// How a connect failed. Authentication and TLS failures are permanent (retrying cannot fix
-/// a password or a certificate), so a connect that sees one ends at once.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ConnectFailure {
-    /// Nothing answered in time: resolve failure, connection refused, a timeout.
-    Unreachable,
-    Authentication,
-    Tls,
-}
-
-impl ConnectFailure {
-    /// Classifies one of librdkafka's error events; `None` for the ones that only repeat
-    /// another ("all brokers are down" follows each broker's own failure).
-    #[must_use]
-    pub fn classify(error: &KafkaError, reason: &str) -> Option<ConnectFailure> {
-        let code = match error {
-            KafkaError::Global(code)
-            | KafkaError::MessageConsumption(code)
-            | KafkaError::MessageConsumptionFatal(code)
-            | KafkaError::MetadataFetch(code) => Some(*code),
-            _ => None,
-        };
-        match code {
-            Some(RDKafkaErrorCode::AllBrokersDown) => None,
-            Some(RDKafkaErrorCode::Authentication | RDKafkaErrorCode::SaslAuthenticationFailed) => {
-                Some(ConnectFailure::Authentication)
-            }
-            Some(RDKafkaErrorCode::SSL) => Some(ConnectFailure::Tls),
-            // A plaintext client on a TLS listener: the broker hangs up on the first request,
-            // and librdkafka's reason says what it suspects.
-            _ if reason.contains("connecting to a SSL listener") => Some(ConnectFailure::Tls),
-            _ => Some(ConnectFailure::Unreachable),
-        }
-    }
-
-    #[must_use]
-    pub fn is_permanent(self) -> bool {
-        self != ConnectFailure::Unreachable
+        Some(RDKafkaErrorCode::SSL) => Some(ConnectFailure::Tls),
+        // A plaintext client on a TLS listener: the broker hangs up on the first request,
+        // and librdkafka's reason says what it suspects.
+        _ if reason.contains("connecting to a SSL listener") => Some(ConnectFailure::Tls),
+        _ => Some(ConnectFailure::Unreachable),
     }
 }
 
@@ -212,7 +109,7 @@ impl ErrorWatch {
     /// one logged recently.
     pub fn record(&self, error: &KafkaError, reason: &str) {
         let line = if reason.is_empty() { error.to_string() } else { reason.to_string() };
-        let failure = ConnectFailure::classify(error, reason);
+        let failure = classify_error(error, reason);
         self.remember(failure.map(|f| (f, line.clone())), line);
     }
 
@@ -356,7 +253,7 @@ mod tests {
         let plaintext = "Disconnected while requesting ApiVersion: might be caused by incorrect security.protocol \
                          configuration (connecting to a SSL listener?)";
         assert_eq!(
-            ConnectFailure::classify(&global(RDKafkaErrorCode::BrokerTransportFailure), plaintext),
+            classify_error(&global(RDKafkaErrorCode::BrokerTransportFailure), plaintext),
             Some(ConnectFailure::Tls)
         );
     }

@@ -26,8 +26,10 @@ use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
 use rdkafka::{ClientConfig, ClientContext};
 
-use crate::batch::{Batch, MessageView, Partition};
-use crate::errors::{DeadLetterFailure, Error};
+use crate::core::batch::{Batch, MessageView, Partition};
+use crate::core::errors::{DeadLetterFailure, Error};
+use crate::core::sched::DeadLetterInfo;
+use crate::kafka::errors::to_error;
 
 /// librdkafka's consumer-only properties (scope "C" in librdkafka 2.12.1's property table,
 /// global and topic level). The user's `kafka=` list is written for the consumer; setting these
@@ -101,15 +103,6 @@ pub const HEADER_ORIGINAL_TOPIC: &str = "fastconsume.original.topic";
 pub const HEADER_ORIGINAL_PARTITION: &str = "fastconsume.original.partition";
 pub const HEADER_ORIGINAL_OFFSET: &str = "fastconsume.original.offset";
 pub const HEADER_ORIGINAL_TIMESTAMP: &str = "fastconsume.original.timestamp";
-
-/// Why messages are dead-lettered; becomes headers.
-#[derive(Clone, Debug)]
-pub struct DeadLetterInfo {
-    pub plugin: String,
-    pub error_type: String,
-    pub error_message: String,
-    pub attempts: u32,
-}
 
 /// librdkafka's last error or warning on the dead-letter producer, and when it came. Written
 /// only when librdkafka reports a problem (never per message); read when a write waits long
@@ -356,7 +349,7 @@ impl DeadLetters {
     pub fn new(bootstrap: &str, kafka: &[(String, String)], timeout: Duration) -> Result<Self, Error> {
         let (config, timeout) = producer_config(bootstrap, kafka, timeout);
         let acks = Acks { log_debug: kafka.iter().any(|(name, _)| name == "debug"), ..Acks::default() };
-        let producer = config.create_with_context(acks).map_err(|e| Error::kafka("create dead-letter producer", e))?;
+        let producer = config.create_with_context(acks).map_err(|e| to_error("create dead-letter producer", e))?;
         Ok(DeadLetters { producer, timeout })
     }
 
@@ -466,9 +459,10 @@ impl DeadLetters {
         }
     }
 
-    /// Waits up to `timeout` for outstanding writes (used at shutdown); returns whether none is
+    /// Waits up to `timeout` for outstanding writes; returns whether none is
     /// left, i.e. every write was acknowledged or failed and its `done` has run. Failures are
     /// reported through `done`, not here.
+    #[cfg(test)]
     pub fn flush(&self, timeout: Duration) -> bool {
         // Not `Producer::flush`: that polls on this thread, which would run `done` callbacks
         // here too, and librdkafka's own count also holds unrelated events (logs, errors).
@@ -564,8 +558,8 @@ mod tests {
     use rdkafka::{Offset, TopicPartitionList};
 
     use super::*;
-    use crate::batch::BatchBuilder;
-    use crate::mock::MockKafka;
+    use crate::core::batch::BatchBuilder;
+    use crate::kafka::mock::MockKafka;
 
     const BOUND: Duration = Duration::from_secs(30);
 

@@ -8,7 +8,8 @@ use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{BaseProducer, BaseRecord, DeliveryResult, Producer, ProducerContext};
 use rdkafka::{ClientConfig, ClientContext};
 
-use crate::errors::{Error, Result};
+use crate::core::errors::{Error, Result};
+use crate::kafka::errors::to_error;
 
 /// Counts failed deliveries; the producer is only used to seed topics.
 #[derive(Default)]
@@ -43,7 +44,7 @@ pub fn produce<'a>(bootstrap: &str, topic: &str, records: impl IntoIterator<Item
         .set("linger.ms", "5")
         .set("batch.num.messages", "10000")
         .create_with_context(DeliveryCount::default())
-        .map_err(|e| Error::kafka("create producer", e))?;
+        .map_err(|e| to_error("create producer", e))?;
     let mut sent = 0u64;
     for r in records {
         let mut record = BaseRecord::<[u8], [u8]>::to(topic).payload(r.value);
@@ -60,12 +61,12 @@ pub fn produce<'a>(bootstrap: &str, topic: &str, records: impl IntoIterator<Item
                     record = back;
                     producer.poll(Duration::from_millis(10));
                 }
-                Err((e, _)) => return Err(Error::kafka("produce", e)),
+                Err((e, _)) => return Err(to_error("produce", e)),
             }
         }
         sent += 1;
     }
-    producer.flush(Duration::from_secs(60)).map_err(|e| Error::kafka("flush producer", e))?;
+    producer.flush(Duration::from_secs(60)).map_err(|e| to_error("flush producer", e))?;
     let failed = producer.context().failed.load(Ordering::Relaxed);
     if failed > 0 {
         return Err(Error::Delivery { topic: topic.to_string(), failed, sent });

@@ -17,9 +17,10 @@ use rdkafka::metadata::Metadata;
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use rdkafka::ClientContext;
 
-use crate::config::SourceConfig;
-use crate::errors::{Error, ErrorWatch, Result};
-use crate::source::connect;
+use crate::core::errors::{Error, Result};
+use crate::kafka::config::SourceConfig;
+use crate::kafka::connect::connect;
+use crate::kafka::errors::{to_error, ErrorWatch};
 
 /// One partition of a topic.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -90,7 +91,7 @@ impl ClientContext for InspectContext {
     }
 
     fn log(&self, level: rdkafka::config::RDKafkaLogLevel, fac: &str, log_message: &str) {
-        crate::errors::log_librdkafka(&self.errors, level, fac, log_message);
+        crate::kafka::errors::log_librdkafka(&self.errors, level, fac, log_message);
     }
 }
 
@@ -105,7 +106,7 @@ pub fn inspect(config: &SourceConfig) -> Result<Report> {
     let consumer: InspectConsumer = config
         .client_config()
         .create_with_context(InspectContext::default())
-        .map_err(|e| Error::kafka("create consumer", e))?;
+        .map_err(|e| to_error("create consumer", e))?;
     let timeout = config.connect_timeout;
 
     // The first call doubles as the connect check, as in `Source::start` (and classifies a
@@ -194,7 +195,7 @@ fn add_committed(consumer: &InspectConsumer, topics: &mut [TopicReport], timeout
     if tpl.count() == 0 {
         return Ok(());
     }
-    let committed = consumer.committed_offsets(tpl, timeout).map_err(|e| Error::kafka("fetch committed offsets", e))?;
+    let committed = consumer.committed_offsets(tpl, timeout).map_err(|e| to_error("fetch committed offsets", e))?;
     for topic in topics.iter_mut() {
         let mut errors = Vec::new();
         for elem in committed.elements_for_topic(&topic.topic) {
@@ -345,7 +346,7 @@ mod tests {
     use std::time::Instant;
 
     use super::*;
-    use crate::mock::{seeded, unreachable};
+    use crate::kafka::mock::{seeded, unreachable};
 
     /// A mock cluster with topic `t`: partition `p` holds `per_partition[p]` messages.
     /// Commits `offset` for partition `partition` of `t` as a member of the config's group.
@@ -423,7 +424,7 @@ mod tests {
         let elapsed = started.elapsed();
         match outcome {
             Err(Error::Connect { bootstrap, waited_ms, last_error, failure }) => {
-                assert_eq!(failure, crate::errors::ConnectFailure::Unreachable);
+                assert_eq!(failure, crate::core::errors::ConnectFailure::Unreachable);
                 assert_eq!(bootstrap, "127.0.0.1:1");
                 assert!((400..5000).contains(&waited_ms), "waited {waited_ms} ms");
                 assert!(last_error.is_some());

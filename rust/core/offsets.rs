@@ -18,7 +18,7 @@
 
 use std::collections::HashMap;
 
-use crate::batch::Partition;
+use crate::core::batch::Partition;
 
 /// Identifies one assignment of a partition. Epochs are never reused, so work fetched before
 /// a revoke can never complete anything of the partition's next assignment.
@@ -128,10 +128,6 @@ impl OffsetTracker {
         if let Some(frozen) = self.progress_mut(partition, epoch).and_then(|p| p.frozen.get_mut(lane)) {
             *frozen = true;
         }
-    }
-
-    pub fn assigned(&self) -> impl Iterator<Item = &Partition> {
-        self.partitions.keys()
     }
 }
 

@@ -1,12 +1,10 @@
-//! A batch of fetched messages of one partition, copied out of librdkafka into two flat
+//! A batch of fetched messages of one partition, copied out of the client into two flat
 //! buffers so that a batch costs a handful of allocations however many messages it holds.
 //! Every lane reads the same `Arc<Batch>`; nothing is copied per plugin.
 
 use std::any::Any;
 use std::ops::Range;
 use std::sync::{Arc, OnceLock};
-
-use rdkafka::message::{Headers, Message};
 
 /// Where one message's bytes sit in `Batch::bytes`.
 #[derive(Clone, Copy, Debug)]
@@ -141,8 +139,8 @@ impl Batch {
 /// Receives a header's name and value.
 pub type HeaderSink<'a> = dyn FnMut(&[u8], Option<&[u8]>) + 'a;
 
-/// A fetched message as the builder reads it: rust-rdkafka's messages, and the raw ones the
-/// source drains in bulk (`fetch`).
+/// A fetched message as the builder reads it (the Kafka side implements it for its
+/// messages).
 pub trait Fetched {
     fn offset(&self) -> i64;
     /// Milliseconds since the epoch, if the broker gave one.
@@ -151,32 +149,6 @@ pub trait Fetched {
     fn value(&self) -> Option<&[u8]>;
     /// Calls `f` with each header's name and value, in order.
     fn for_each_header(&self, f: &mut HeaderSink<'_>);
-}
-
-impl<M: Message> Fetched for M {
-    fn offset(&self) -> i64 {
-        Message::offset(self)
-    }
-
-    fn timestamp(&self) -> Option<i64> {
-        Message::timestamp(self).to_millis()
-    }
-
-    fn key(&self) -> Option<&[u8]> {
-        Message::key(self)
-    }
-
-    fn value(&self) -> Option<&[u8]> {
-        self.payload()
-    }
-
-    fn for_each_header(&self, f: &mut HeaderSink<'_>) {
-        if let Some(headers) = self.headers() {
-            for header in headers.iter() {
-                f(header.key.as_bytes(), header.value);
-            }
-        }
-    }
 }
 
 /// Fills batches of one partition; reused across batches to keep its capacity.
@@ -253,22 +225,75 @@ impl BatchBuilder {
     }
 }
 
+/// Messages made up for tests, without a client.
+#[cfg(test)]
+pub(crate) mod testing {
+    use std::sync::Arc;
+
+    use super::{Batch, BatchBuilder, Fetched, HeaderSink, Partition};
+
+    pub(crate) struct Message {
+        pub offset: i64,
+        pub timestamp: Option<i64>,
+        pub key: Option<Vec<u8>>,
+        pub value: Option<Vec<u8>>,
+        pub headers: Vec<(Vec<u8>, Option<Vec<u8>>)>,
+    }
+
+    impl Message {
+        /// A 10-byte message at `offset`.
+        pub(crate) fn at(offset: i64) -> Self {
+            Message { offset, timestamp: None, key: None, value: Some(vec![0; 10]), headers: Vec::new() }
+        }
+    }
+
+    impl Fetched for Message {
+        fn offset(&self) -> i64 {
+            self.offset
+        }
+
+        fn timestamp(&self) -> Option<i64> {
+            self.timestamp
+        }
+
+        fn key(&self) -> Option<&[u8]> {
+            self.key.as_deref()
+        }
+
+        fn value(&self) -> Option<&[u8]> {
+            self.value.as_deref()
+        }
+
+        fn for_each_header(&self, f: &mut HeaderSink<'_>) {
+            for (name, value) in &self.headers {
+                f(name, value.as_deref());
+            }
+        }
+    }
+
+    /// A batch of `count` messages of topic "t", `partition`, from offset `first`.
+    pub(crate) fn batch(partition: i32, first: i64, count: i64) -> Arc<Batch> {
+        let mut builder = BatchBuilder::new(Partition { topic: Arc::from("t"), partition });
+        for offset in first..first + count {
+            builder.push(&Message::at(offset));
+        }
+        builder.take()
+    }
+}
+
 #[cfg(test)]
 mod tests {
-    use rdkafka::message::{Header as KafkaHeader, OwnedHeaders, OwnedMessage, Timestamp};
-
+    use super::testing::Message;
     use super::*;
 
-    fn message(offset: i64, value: &[u8], headers: Option<OwnedHeaders>) -> OwnedMessage {
-        OwnedMessage::new(
-            Some(value.to_vec()),
-            Some(format!("k{offset}").into_bytes()),
-            "t".to_string(),
-            Timestamp::CreateTime(1_000 + offset),
-            3,
+    fn message(offset: i64, value: &[u8], headers: Vec<(Vec<u8>, Option<Vec<u8>>)>) -> Message {
+        Message {
             offset,
+            timestamp: Some(1_000 + offset),
+            key: Some(format!("k{offset}").into_bytes()),
+            value: Some(value.to_vec()),
             headers,
-        )
+        }
     }
 
     fn builder() -> BatchBuilder {
@@ -278,13 +303,10 @@ mod tests {
     #[test]
     fn round_trips_fields() {
         let mut builder = builder();
-        let headers =
-            OwnedHeaders::new()
-                .insert(KafkaHeader { key: "h1", value: Some("v1") })
-                .insert(KafkaHeader::<&[u8]> { key: "h2", value: None });
-        builder.push(&message(4, b"four", None));
-        builder.push(&message(5, b"five", Some(headers)));
-        builder.push(&message(9, b"", None)); // a gap: 6..=8 compacted away
+        let headers = vec![(b"h1".to_vec(), Some(b"v1".to_vec())), (b"h2".to_vec(), None)];
+        builder.push(&message(4, b"four", Vec::new()));
+        builder.push(&message(5, b"five", headers));
+        builder.push(&message(9, b"", Vec::new())); // a gap: 6..=8 compacted away
         let batch = builder.take();
         assert_eq!(batch.len(), 3);
         assert!(builder.is_empty());
@@ -306,12 +328,12 @@ mod tests {
     #[test]
     fn a_taken_builder_starts_empty_and_clear_drops_messages() {
         let mut builder = builder();
-        builder.push(&message(1, b"a", None));
+        builder.push(&message(1, b"a", Vec::new()));
         let first = builder.take();
-        builder.push(&message(2, b"b", None));
+        builder.push(&message(2, b"b", Vec::new()));
         builder.clear();
         assert!(builder.is_empty());
-        builder.push(&message(3, b"c", None));
+        builder.push(&message(3, b"c", Vec::new()));
         let second = builder.take();
         assert_eq!((first.len(), second.len(), second.first_offset()), (1, 1, 3));
     }

@@ -1,0 +1,42 @@
+//! What the Kafka side hands its batches, rebalances and commit results to. The engine
+//! implements it; the Kafka side never sees the scheduler.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::core::batch::{Batch, Partition};
+use crate::core::errors::Error;
+use crate::core::timer::TimerKey;
+
+/// Wakes the thread that drives the timer wheel (the poll loop).
+pub type Wake = Arc<dyn Fn() + Send + Sync>;
+
+pub trait Intake: Send + Sync {
+    fn assign(&self, partitions: Vec<Partition>);
+    /// Drops waiting work of the partitions and waits, bounded, for their running calls;
+    /// returns the offsets to commit before the partitions go.
+    fn revoke(&self, partitions: &[Partition], timeout: Duration) -> Vec<(Partition, i64)>;
+    /// Kafka acknowledged a commit of these offsets.
+    fn committed(&self, offsets: &[(Partition, i64)]);
+    /// The offsets to commit now, if the commit interval fell due (empty otherwise).
+    fn take_commit(&self) -> Vec<(Partition, i64)>;
+    /// The last high watermarks seen of partitions about to be revoked, for stats.
+    fn record_high_watermarks(&self, watermarks: Vec<(Partition, i64)>);
+    /// Offers a batch; `Err` gives it back when a lane is full.
+    fn submit(&self, batch: Arc<Batch>) -> Result<(), Arc<Batch>>;
+    /// Drain mode: whether nothing new was fetched for the idle timeout and nothing waits
+    /// to be offered. Told on every turn of the poll loop (the loop keeps serving the group
+    /// while idle), and `false` as soon as anything arrives.
+    fn source_idle(&self, idle: bool);
+    fn source_failed(&self, error: Error);
+    fn stop_requested(&self) -> bool;
+    /// How to wake the source when a wheel entry falls due before it planned to wake;
+    /// `None` once the source is gone.
+    fn set_waker(&self, wake: Option<Wake>);
+    /// Puts one of the source's own deadlines on the wheel (it is driving it, so it is not
+    /// woken for it).
+    fn schedule_wake(&self, at: Instant) -> TimerKey;
+    fn cancel_wake(&self, key: TimerKey);
+    /// Fires due wheel entries; returns when the wheel is next due.
+    fn drive_timers(&self, now: Instant) -> Option<Instant>;
+}
