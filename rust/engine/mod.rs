@@ -28,9 +28,9 @@ use crate::core::lane::OnFailure;
 use crate::core::sched::{CallFailure, Ending, Late, Snapshot};
 use crate::kafka::commit::commit_sync;
 use crate::kafka::config::SourceConfig;
-use crate::kafka::consumer::Source;
 use crate::kafka::dlq::DeadLetters;
 use crate::kafka::intake::Intake;
+use crate::kafka::source::Source;
 
 /// Why a run ended early.
 #[derive(Debug)]

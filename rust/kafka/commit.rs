@@ -4,12 +4,11 @@
 
 use std::sync::Arc;
 
-use rdkafka::consumer::{CommitMode, Consumer};
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 
 use crate::core::batch::Partition;
-use crate::kafka::consumer::KafkaConsumer;
 use crate::kafka::intake::Intake;
 
 fn list(offsets: &[(Partition, i64)]) -> Option<TopicPartitionList> {
@@ -38,7 +37,12 @@ pub fn offsets_of(tpl: &TopicPartitionList) -> Vec<(Partition, i64)> {
 
 /// Commits `offsets` now, and tells `intake` they are committed (a synchronous commit runs
 /// no commit callback). Nothing to commit is not an error.
-pub fn commit_sync(consumer: &KafkaConsumer, intake: &dyn Intake, offsets: &[(Partition, i64)], what: &str) {
+pub fn commit_sync<C: ConsumerContext>(
+    consumer: &BaseConsumer<C>,
+    intake: &dyn Intake,
+    offsets: &[(Partition, i64)],
+    what: &str,
+) {
     if offsets.is_empty() {
         return;
     }
@@ -52,7 +56,7 @@ pub fn commit_sync(consumer: &KafkaConsumer, intake: &dyn Intake, offsets: &[(Pa
 /// Starts a commit of `offsets`; its result comes back through the context's
 /// `commit_callback`. (`commit(.., Async)` sends a manual commit's result nowhere: librdkafka
 /// routes it only to a callback set in the configuration, which the event API leaves unset.)
-pub fn commit_async(consumer: &KafkaConsumer, offsets: &[(Partition, i64)]) {
+pub fn commit_async<C: ConsumerContext>(consumer: &BaseConsumer<C>, offsets: &[(Partition, i64)]) {
     let Some(tpl) = list(offsets) else { return };
     let client = consumer.client().native_ptr();
     // SAFETY: the handle and the list are alive for the borrow; librdkafka copies the list.

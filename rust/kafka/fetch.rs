@@ -9,11 +9,10 @@ use std::ptr::{self, NonNull};
 use std::time::Duration;
 
 use rdkafka::bindings as rd;
-use rdkafka::consumer::Consumer;
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
 use rdkafka::message::{Headers, Message};
 
 use crate::core::batch::{Fetched, HeaderSink, Partition};
-use crate::kafka::consumer::KafkaConsumer;
 
 /// Our queue of fetched messages. Owned: destroyed on drop, before the consumer.
 pub struct FetchQueue {
@@ -27,7 +26,7 @@ unsafe impl Sync for FetchQueue {}
 
 impl FetchQueue {
     /// A new, empty queue on the consumer's handle.
-    pub fn new(consumer: &KafkaConsumer) -> Option<Self> {
+    pub fn new<C: ConsumerContext>(consumer: &BaseConsumer<C>) -> Option<Self> {
         // SAFETY: the handle is alive for the borrow; the call returns an owned reference.
         let queue = unsafe { rd::rd_kafka_queue_new(consumer.client().native_ptr()) };
         NonNull::new(queue).map(|queue| FetchQueue { queue })
@@ -36,7 +35,7 @@ impl FetchQueue {
     /// Sends the messages of partitions about to be assigned here. Called before every
     /// assignment: stopping a partition's fetcher clears its forward, and librdkafka does not
     /// forward it anywhere again once the application has.
-    pub fn forward(&self, consumer: &KafkaConsumer, partitions: &[Partition]) {
+    pub fn forward<C: ConsumerContext>(&self, consumer: &BaseConsumer<C>, partitions: &[Partition]) {
         for p in partitions {
             let Ok(topic) = CString::new(p.topic.as_bytes()) else {
                 continue;

@@ -13,3 +13,4 @@ pub mod intake;
 pub mod mock;
 pub mod poll;
 pub mod seed;
+pub mod source;

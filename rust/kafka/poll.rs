@@ -17,7 +17,7 @@
 //! on. Commits the wheel calls due are started here, asynchronously.
 
 use std::collections::VecDeque;
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use rdkafka::consumer::Consumer;
@@ -29,7 +29,7 @@ use crate::core::errors::{Error, Result};
 use crate::core::limit::{Limiter, RateLimit};
 use crate::core::timer::TimerKey;
 use crate::kafka::commit::commit_async;
-use crate::kafka::consumer::KafkaConsumer;
+use crate::kafka::consumer::{lock, KafkaConsumer};
 use crate::kafka::errors::to_error;
 use crate::kafka::fetch::{FetchQueue, RawMessage};
 use crate::kafka::intake::Intake;
@@ -64,10 +64,6 @@ pub struct Shape {
     pub revoke_timeout: Duration,
     /// The app's rate limit, charged per take.
     pub rate_limit: Option<RateLimit>,
-}
-
-pub(super) fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 /// Runs however the poll loop ends, a panic included: the fetch queue goes before the
