@@ -91,8 +91,9 @@ def test_every_plugin_sees_every_partition_in_order_on_a_pool_of_four(real_clust
         assert sorted(by_partition) == list(range(partitions)), name
         for p, offsets in by_partition.items():
             assert offsets == list(range(per_partition)), f"{name} partition {p} out of order or repeated"
-    assert threads[0] == threads[-1], f"thread count moved from {threads[0]} to {threads[-1]}"
-    assert max(threads) == min(threads), f"thread count ranged {min(threads)}..{max(threads)}"
+    # Never more than at the first call: the run starts no thread per batch. (Fewer is not the
+    # run's doing: a client of an earlier test may still be ending its threads.)
+    assert max(threads) <= threads[0], f"thread count grew from {threads[0]} to {max(threads)}"
     stats = app.stats()
     for name in ("a", "b", "c"):
         assert stats["plugins"][name]["messages"] == partitions * per_partition

@@ -80,6 +80,8 @@ impl<E: CallFailure + 'static> Engine<E> {
         options: &RunOptions,
         host: Arc<H>,
     ) -> Result<(), RunError<E>> {
+        // Until this run's scheduler exists, there are no counters to show: not the last run's.
+        *self.current.lock().unwrap_or_else(PoisonError::into_inner) = None;
         options.validate()?;
         let dead_letters = if options.lanes.iter().any(|l| matches!(l.retry.on_failure, OnFailure::DeadLetter(_))) {
             Some(Arc::new(DeadLetters::new(&config.bootstrap, &config.kafka, options.dlq_timeout)?))

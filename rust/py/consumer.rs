@@ -130,8 +130,9 @@ impl PyConsumer {
     /// Counters of the current or last run.
     fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         let stats = PyDict::new(py);
-        stats.set_item("running", self.running.load(Ordering::Acquire))?;
         let snapshot = lifecycle::detach(py, || self.engine.snapshot());
+        // Running once the run's counters exist, so a running app always lists its plugins.
+        stats.set_item("running", self.running.load(Ordering::Acquire) && snapshot.is_some())?;
         let plugins = PyDict::new(py);
         let partitions = PyDict::new(py);
         stats.set_item("messages", snapshot.as_ref().map_or(0, |s| s.admitted))?;
