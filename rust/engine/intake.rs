@@ -10,7 +10,7 @@ use crate::core::batch::{Batch, Partition};
 use crate::core::errors::Error;
 use crate::core::sched::CallFailure;
 use crate::core::timer::TimerKey;
-use crate::kafka::intake::{Intake, Wake};
+use crate::kafka::intake::{Driven, Intake, Wake};
 
 impl<E: CallFailure + 'static> Intake for Shared<E> {
     fn assign(&self, partitions: Vec<Partition>) {
@@ -41,10 +41,6 @@ impl<E: CallFailure + 'static> Intake for Shared<E> {
 
     fn committed(&self, offsets: &[(Partition, i64)]) {
         self.lock().committed(offsets);
-    }
-
-    fn take_commit(&self) -> Vec<(Partition, i64)> {
-        self.lock().take_commit()
     }
 
     fn record_high_watermarks(&self, watermarks: Vec<(Partition, i64)>) {
@@ -81,10 +77,10 @@ impl<E: CallFailure + 'static> Intake for Shared<E> {
         self.lock().cancel_timer(key);
     }
 
-    fn drive_timers(&self, now: Instant) -> Option<Instant> {
+    fn drive_timers(&self, now: Instant) -> Driven {
         self.apply(|sched| {
             sched.handle_timeout(now);
-            sched.poll_timeout()
+            Driven { next: sched.poll_timeout(), commit: sched.take_commit() }
         })
     }
 }

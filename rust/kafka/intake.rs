@@ -11,6 +11,15 @@ use crate::core::timer::TimerKey;
 /// Wakes the thread that drives the timer wheel (the poll loop).
 pub type Wake = Arc<dyn Fn() + Send + Sync>;
 
+/// What driving the wheel left for the poll loop.
+#[derive(Debug, Default)]
+pub struct Driven {
+    /// When the wheel is next due (`None`: empty).
+    pub next: Option<Instant>,
+    /// Offsets to commit now: the commit interval fell due and they moved since the last.
+    pub commit: Vec<(Partition, i64)>,
+}
+
 pub trait Intake: Send + Sync {
     fn assign(&self, partitions: Vec<Partition>);
     /// Drops waiting work of the partitions and waits, bounded, for their running calls;
@@ -18,8 +27,6 @@ pub trait Intake: Send + Sync {
     fn revoke(&self, partitions: &[Partition], timeout: Duration) -> Vec<(Partition, i64)>;
     /// Kafka acknowledged a commit of these offsets.
     fn committed(&self, offsets: &[(Partition, i64)]);
-    /// The offsets to commit now, if the commit interval fell due (empty otherwise).
-    fn take_commit(&self) -> Vec<(Partition, i64)>;
     /// The last high watermarks seen of partitions about to be revoked, for stats.
     fn record_high_watermarks(&self, watermarks: Vec<(Partition, i64)>);
     /// Offers a batch; `Err` gives it back when a lane is full.
@@ -37,6 +44,6 @@ pub trait Intake: Send + Sync {
     /// woken for it).
     fn schedule_wake(&self, at: Instant) -> TimerKey;
     fn cancel_wake(&self, key: TimerKey);
-    /// Fires due wheel entries; returns when the wheel is next due.
-    fn drive_timers(&self, now: Instant) -> Option<Instant>;
+    /// Fires due wheel entries; says when the wheel is next due and what to commit now.
+    fn drive_timers(&self, now: Instant) -> Driven;
 }

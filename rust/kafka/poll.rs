@@ -171,11 +171,11 @@ impl PollLoop {
             // Serving events may have run a rebalance callback that waited: look again.
             let now = Instant::now();
             self.arm_idle_timer(now);
-            let next_timer = self.intake.drive_timers(now);
-            let due = self.intake.take_commit();
-            if !due.is_empty() {
-                commit_async(&self.consumer, &due);
+            let driven = self.intake.drive_timers(now);
+            if !driven.commit.is_empty() {
+                commit_async(&self.consumer, &driven.commit);
             }
+            let next_timer = driven.next;
             let wait = next_timer.map_or(MAX_SLEEP, |at| at.saturating_duration_since(now)).min(MAX_SLEEP);
             let mut raw = std::mem::take(&mut self.raw);
             let before = raw.len();

@@ -56,7 +56,7 @@ impl<E: CallFailure> Scheduler<E> {
             self.wakes.workers += 1;
         } else {
             lane.stats.overruns += 1;
-            self.effects.push(Effect::Warn(format!(
+            self.effects.push_back(Effect::Warn(format!(
                 "plugin {:?} is past its timeout of {:?} on {}; its result will still count",
                 lane.options.name,
                 lane.options.timeout.unwrap_or(Duration::ZERO),

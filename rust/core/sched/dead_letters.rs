@@ -98,7 +98,7 @@ impl<E: CallFailure> Scheduler<E> {
             task,
         };
         self.dead_letter_writes.insert(write, record);
-        self.effects.push(Effect::DeadLetter(DeadLetterWrite { write, topic, batch, indexes, info }));
+        self.effects.push_back(Effect::DeadLetter(DeadLetterWrite { write, topic, batch, indexes, info }));
     }
 
     /// A dead-letter write finished: acknowledged, its messages count as done; failed, the
@@ -140,7 +140,7 @@ impl<E: CallFailure> Scheduler<E> {
             bound: self.dead_letter_bound,
         };
         let next = now + record.every;
-        self.effects.push(Effect::DeadLetterWaiting(wait));
+        self.effects.push_back(Effect::DeadLetterWaiting(wait));
         let (key, _) = self.schedule(next, Timer::DeadLetterWait { write });
         if let Some(record) = self.dead_letter_writes.get_mut(&write) {
             record.timer = Some(key);

@@ -115,7 +115,7 @@ impl<E: CallFailure> Scheduler<E> {
                 let topic = topic.clone();
                 self.start_dead_letters(task, topic, failed, &error, now);
                 // The error is not needed any more; dropped outside the lock.
-                self.effects.push(Effect::Discard(error));
+                self.effects.push_back(Effect::Discard(error));
             }
             _ => self.stop_with(task, error),
         }
@@ -155,7 +155,7 @@ impl<E: CallFailure> Scheduler<E> {
         if self.failure.is_none() {
             self.failure = Some(error);
         } else {
-            self.effects.push(Effect::Discard(error));
+            self.effects.push_back(Effect::Discard(error));
         }
     }
 
@@ -166,6 +166,6 @@ impl<E: CallFailure> Scheduler<E> {
     }
 
     fn warn(&mut self, message: String) {
-        self.effects.push(Effect::Warn(message));
+        self.effects.push_back(Effect::Warn(message));
     }
 }

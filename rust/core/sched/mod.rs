@@ -171,7 +171,7 @@ pub struct Scheduler<E> {
     source_error: Option<Error>,
     failure: Option<E>,
     wakes: Wakes,
-    effects: Vec<Effect<E>>,
+    effects: VecDeque<Effect<E>>,
 }
 
 impl<E: CallFailure> Scheduler<E> {
@@ -208,7 +208,7 @@ impl<E: CallFailure> Scheduler<E> {
             source_error: None,
             failure: None,
             wakes: Wakes::default(),
-            effects: Vec::new(),
+            effects: VecDeque::new(),
         })
     }
 
@@ -221,10 +221,7 @@ impl<E: CallFailure> Scheduler<E> {
 
     /// The next effect to apply outside the lock, oldest first.
     pub fn poll_effect(&mut self) -> Option<Effect<E>> {
-        if self.effects.is_empty() {
-            return None;
-        }
-        Some(self.effects.remove(0))
+        self.effects.pop_front()
     }
 
     /// When the wheel is next due (`None`: empty). The driver sleeps until then at most.

@@ -80,8 +80,13 @@ impl Partitions {
         self.entry(partition).stored = Some(offset);
     }
 
+    /// Kafka acknowledged `offset`: a timer's commit need not send it again.
     pub(super) fn committed(&mut self, partition: &Partition, offset: i64) {
-        self.entry(partition).committed = Some(offset);
+        let entry = self.entry(partition);
+        entry.committed = Some(offset);
+        if entry.stored == Some(offset) {
+            entry.sent = Some(offset);
+        }
     }
 
     pub(super) fn high_watermark(&mut self, partition: &Partition, high: i64) {
