@@ -1,8 +1,8 @@
 //! A plugin's lane: its own bounded queue of work, per partition in offset order, with at
 //! most one call per partition in flight and at most `concurrency` calls in all. A failed
 //! call's chunk waits for its retry at the head of its partition's queue, so the partition's
-//! later work waits behind it and order holds. A lane is plain data; the pool owns every
-//! lane, and the timer wheel, under one lock.
+//! later work waits behind it and order holds. A lane is plain data; the scheduler owns
+//! every lane, and the timer wheel that lifts their backoffs and rate limits.
 
 use std::collections::{HashMap, VecDeque};
 use std::ops::Range;

@@ -82,7 +82,7 @@ pub struct LaneStats {
     /// Messages written to the dead-letter topic and acknowledged.
     pub dead_lettered: u64,
     /// Messages whose dead-letter write awaits the broker's acknowledgement, and how long the
-    /// oldest such write has waited (zero if none); filled in by `Pool::snapshot`.
+    /// oldest such write has waited (zero if none); filled in by `Scheduler::snapshot`.
     pub dead_letters_pending: u64,
     pub dead_letters_oldest: std::time::Duration,
     /// Sync calls that ran past their deadline (their results still count).

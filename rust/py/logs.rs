@@ -4,7 +4,7 @@
 //! before any formatting.
 //!
 //! A record is handed to one thread that attaches the GIL to emit it, never emitted by the
-//! thread that logs: that one may hold a lock (the pool's, or one inside librdkafka) that a
+//! thread that logs: that one may hold a lock (the scheduler's, or one inside librdkafka) that a
 //! thread holding the GIL is waiting for. Handing off never blocks; if Python falls 1,024
 //! records behind, the excess is counted and reported once it catches up. Once the
 //! interpreter is closing (an `atexit` hook), the bridge stops and later records are dropped.
