@@ -13,8 +13,8 @@ use crate::kafka::errors::to_error;
 const OWNED_PROPERTIES: [(&str, &str); 4] = [
     ("bootstrap.servers", "pass it as App(bootstrap=...)"),
     ("group.id", "pass it as App(group=...)"),
-    ("enable.auto.offset.store", "offsets are stored only once every plugin has finished"),
-    ("enable.auto.commit", "fastconsume commits stored offsets itself"),
+    ("enable.auto.offset.store", "fastconsume commits only offsets every plugin has finished"),
+    ("enable.auto.commit", "fastconsume commits offsets itself"),
 ];
 
 /// Defaults that differ from librdkafka's, each overridable through `kafka=`.
