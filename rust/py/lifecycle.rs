@@ -19,9 +19,6 @@ use std::time::Duration;
 use pyo3::prelude::*;
 use pyo3::types::PyModule;
 
-/// How long the interpreter's exit waits for the log bridge to emit what it was handed.
-const LOG_FLUSH: Duration = Duration::from_secs(1);
-
 /// Set once by [`close`]; never cleared (the interpreter does not come back).
 static CLOSED: AtomicBool = AtomicBool::new(false);
 /// Threads between their check of `CLOSED` and the end of their attach.
@@ -129,14 +126,10 @@ pub(super) fn worker_attach(f: impl FnOnce(Python<'_>)) {
 }
 
 /// Closes the gate and returns how many worker threads are still in a plugin call and how
-/// many runs have not returned (one still stopping, after a second signal). Called by the
-/// `atexit` hook of `fastconsume._app` with the GIL held; waits detached, so threads already
-/// past the gate can finish attaching.
-#[pyfunction]
-#[pyo3(name = "_close_interpreter_gate")]
-fn close(py: Python<'_>) -> (usize, usize) {
-    // The last lines of a run (its revoke, its final commit) are still on their way.
-    py.detach(|| super::logs::flush(LOG_FLUSH));
+/// many runs have not returned (one still stopping, after a second signal). Called with the
+/// GIL held (see `py::close_interpreter_gate`); waits detached, so threads already past the
+/// gate can finish attaching.
+pub(super) fn close(py: Python<'_>) -> (usize, usize) {
     CLOSED.store(true, Ordering::SeqCst);
     py.detach(|| {
         // Threads past the gate only wait for the GIL, which this thread has released.
@@ -257,7 +250,6 @@ fn signal_deliveries() -> usize {
 }
 
 pub fn init_pymodule(m: &Bound<'_, PyModule>) -> PyResult<()> {
-    m.add_function(wrap_pyfunction!(close, m)?)?;
     m.add_function(wrap_pyfunction!(count_signals, m)?)?;
     m.add_function(wrap_pyfunction!(signal_deliveries, m)?)?;
     m.add_function(wrap_pyfunction!(exit_at_once_on, m)?)
