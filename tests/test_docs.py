@@ -55,9 +55,12 @@ MODULES = [
     "fastconsume._durations",
     "fastconsume._loading",
     "fastconsume._logs",
+    "fastconsume._options",
     "fastconsume._plugins",
     "fastconsume._process",
+    "fastconsume._reference",
     "fastconsume._supervisor",
+    "fastconsume._values",
     "fastconsume.errors",
     "fastconsume.testing",
 ]

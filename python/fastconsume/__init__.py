@@ -16,7 +16,8 @@ import logging
 
 from ._app import App
 from ._core import Batch, Message, __version__
-from ._plugins import RateLimit
+from ._options import PluginOptions
+from ._values import RateLimit
 from .errors import (
     ConfigError,
     FastconsumeError,
@@ -46,6 +47,7 @@ __all__ = [
     "Message",
     "PartialFailure",
     "PluginError",
+    "PluginOptions",
     "PluginSignatureError",
     "RateLimit",
     "UnknownTopicError",

@@ -39,12 +39,16 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol, TypeAlias, cast
+from typing import TYPE_CHECKING, Any, Protocol, TypeAlias, cast
 
 from ._app import App
 from ._core import Batch, Message, MockCluster, produce
+from ._options import PluginOptions
 from ._plugins import Plugin, make_plugin
 from .errors import ConfigError, PluginError
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 __all__ = [
     "Benchmark",
@@ -343,7 +347,14 @@ class _Recording:
             return len(self.seen) >= sum(counts)
 
 
-def run_plugin(plugin: object, messages: Iterable[MessageSpec], *, partitions: int = 1, **options: Any) -> PluginRun:
+def run_plugin(
+    plugin: object,
+    messages: Iterable[MessageSpec],
+    *,
+    partitions: int = 1,
+    name: str | None = None,
+    **options: Unpack[PluginOptions],
+) -> PluginRun:
     """Runs ``plugin`` through the real engine on ``messages`` and returns what it did.
 
     The messages are written to a new topic of ``partitions`` partitions on a mock cluster
@@ -371,10 +382,10 @@ def run_plugin(plugin: object, messages: Iterable[MessageSpec], *, partitions: i
         messages: Values (``bytes``, or ``str`` written as UTF-8), ``(key, value)`` pairs,
             or mappings with ``value`` and optionally ``key`` and ``partition``.
         partitions: Partitions of the topic.
-        options: Options of ``App.add_plugin``: ``batch_size``, ``linger``, ``timeout``,
-            ``retries``, ``backoff``, ``dlq``, ``on_failure``, ``name``, ...
+        name: The plugin's name, as ``App.add_plugin`` takes it.
+        options: Options of ``App.add_plugin`` (:class:`~fastconsume.PluginOptions`).
     """
-    record = make_plugin(plugin, **options)  # type: ignore[arg-type]  # validated before anything starts
+    record = make_plugin(plugin, name, options)  # checked before anything starts
     records = _records(messages, partitions)
     cluster = _shared_cluster()
     topic = _new_name("run-plugin")
@@ -386,7 +397,7 @@ def run_plugin(plugin: object, messages: Iterable[MessageSpec], *, partitions: i
     recording = _Recording()
     tap = _tapped(record, recording)
     app = App(cluster.bootstrap, _new_name("run-plugin"), topic, read_config=False)
-    app.add_plugin(tap, **{**options, "name": record.name})
+    app.add_plugin(tap, name=record.name, **options)
     finished = threading.Event()
     watcher = threading.Thread(
         target=_stop_when_done,
@@ -465,7 +476,7 @@ class _BenchRound:
     :meth:`drain` opens the gate and returns once the plugin has returned for every message.
     """
 
-    def __init__(self, bootstrap: str, topic: str, plugin: Plugin, options: Mapping[str, Any], total: int) -> None:
+    def __init__(self, bootstrap: str, topic: str, plugin: Plugin, options: PluginOptions, total: int) -> None:
         self.total = total
         self.start: tuple[float, float] | None = None
         self.end: tuple[float, float] | None = None
@@ -476,7 +487,7 @@ class _BenchRound:
         self._done = threading.Event()
         self._error: BaseException | None = None
         self._app = App(bootstrap, _new_name("bench-plugin"), topic, read_config=False)
-        self._app.add_plugin(_tapped(plugin, self), **{**options, "name": plugin.name})
+        self._app.add_plugin(_tapped(plugin, self), name=plugin.name, **options)
         self._thread = threading.Thread(target=self._run, name="fastconsume-bench-plugin", daemon=True)
         self._finished = False
 
@@ -545,7 +556,8 @@ def bench_plugin(
     *,
     partitions: int = 1,
     rounds: int = 5,
-    **options: Any,
+    name: str | None = None,
+    **options: Unpack[PluginOptions],
 ) -> dict[str, float]:
     """Benchmarks ``plugin`` draining ``messages`` through the engine, under pytest-benchmark.
 
@@ -573,7 +585,7 @@ def bench_plugin(
     """
     if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
         raise ConfigError(f"rounds must be a positive integer, got {rounds!r}")
-    record = make_plugin(plugin, **options)  # type: ignore[arg-type]
+    record = make_plugin(plugin, name, options)
     records = _records(messages, partitions)
     if not records:
         raise ConfigError("bench_plugin needs at least one message")
