@@ -35,6 +35,7 @@ from ._options import (
 )
 from ._plugins import AsyncLoop, Plugin, PluginFunc, make_plugin
 from ._process import process_stats
+from ._stats import Stats
 from ._values import RateLimit, check_bootstrap, property_value, rate_limit_of, redact
 from .errors import ConfigError, PluginError
 
@@ -458,8 +459,8 @@ class App:
         else:
             log.info("stopping: no call running; committing and leaving the group")
 
-    def stats(self) -> dict[str, Any]:
-        """Counters of the current or last run.
+    def stats(self) -> Stats:
+        """Counters of the current or last run, typed (:class:`~fastconsume.Stats`):
 
         - ``running``: whether a run is going on;
         - ``messages``: fetched and handed to the plugins;
@@ -475,10 +476,13 @@ class App:
           ``position`` (next offset fetched), ``committed`` and ``lag`` (high watermark
           minus committed);
         - ``process``: ``threads``, ``cpu_seconds`` and ``rss_bytes``.
+
+        >>> import fastconsume as fc
+        >>> stats = fc.App("127.0.0.1:9092", "feeds", "events").stats()
+        >>> stats["running"], stats["messages"], stats["plugins"], sorted(stats["process"])
+        (False, 0, {}, ['cpu_seconds', 'rss_bytes', 'threads'])
         """
-        stats = self._core.stats()
-        stats["process"] = process_stats()
-        return stats
+        return Stats(**self._core.stats(), process=process_stats())
 
 
 def _unknown_plugin(where: str, name: str, own: Sequence[str], installed: Sequence[str]) -> str:
