@@ -61,7 +61,7 @@ class Plugin(_NativeView):
             raise AttributeError(f"a plugin has no {attribute!r}") from None
 
     def __setattr__(self, attribute: str, value: object) -> None:
-        raise AttributeError(f"a plugin is immutable: make another with with_options({attribute}=...)")
+        raise AttributeError(f"a plugin is immutable: make another with with_options({{{attribute!r}: ...}})")
 
     def __repr__(self) -> str:
         options = ", ".join(f"{option}={getattr(self, option)!r}" for option in OPTIONS)
