@@ -59,6 +59,7 @@ MODULES = [
     "fastconsume._plugins",
     "fastconsume._process",
     "fastconsume._reference",
+    "fastconsume._stats",
     "fastconsume._supervisor",
     "fastconsume._values",
     "fastconsume.errors",

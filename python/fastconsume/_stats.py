@@ -2,8 +2,8 @@
 whose stub returns :class:`ConsumerStats`) and this process's own. A type checker knows every
 key, so ``app.stats()["plugins"]["index"]["messages"]`` is an ``int`` without a cast.
 
->>> sorted(PluginStats.__annotations__)[:4]
-['batches', 'dead_letters_oldest', 'dead_letters_pending', 'dead_lettered']
+>>> sorted(Stats.__annotations__)
+['messages', 'partitions', 'plugins', 'process', 'running', 'timers']
 """
 
 from __future__ import annotations
