@@ -14,8 +14,10 @@ from pathlib import Path
 import pytest
 
 import fastconsume as fc
-from fastconsume._config import CONFIG_FILE, SECRET_WORDS, Config, load_config, redact, reference
-from fastconsume._plugins import DEFAULT_BATCH_SIZE, DEFAULT_MAX_QUEUED_BYTES
+from fastconsume._config import CONFIG_FILE, Config, load_config
+from fastconsume._options import OPTIONS
+from fastconsume._reference import reference
+from fastconsume._values import SECRET_WORDS, redact
 from fastconsume.testing import produce
 
 from kafka import MockKafka, new_group
@@ -397,12 +399,12 @@ def test_secret_words_are_lower_case_substrings() -> None:
 
 def test_docs_configuration_md_is_the_reference() -> None:
     docs = ROOT / "docs" / "configuration.md"
-    assert docs.read_text() == reference(), "regenerate: python -m fastconsume._config > docs/configuration.md"
+    assert docs.read_text() == reference(), "regenerate: python -m fastconsume._reference > docs/configuration.md"
 
 
 def test_module_prints_the_reference() -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "fastconsume._config"], capture_output=True, text=True, check=True, timeout=60
+        [sys.executable, "-m", "fastconsume._reference"], capture_output=True, text=True, check=True, timeout=60
     )
     assert result.stdout == reference()
 
@@ -411,8 +413,8 @@ def test_reference_documents_every_key_with_the_code_defaults() -> None:
     text = reference()
     for key in ("app", "bootstrap", "topics", "kafka", "processes", "revoke_timeout", "plugins", "entry_point"):
         assert f"| `{key}` |" in text
-    assert f"| `batch_size` | integer ≥ 1 | `{DEFAULT_BATCH_SIZE}` |" in text
-    assert f"`{DEFAULT_MAX_QUEUED_BYTES}`" in text
+    assert f"| `batch_size` | integer ≥ 1 | `{OPTIONS['batch_size'].default}` |" in text
+    assert f"`{OPTIONS['max_queued_bytes'].default}`" in text
     assert "`FASTCONSUME_KAFKA_<NAME>`" in text
 
 

@@ -55,9 +55,13 @@ MODULES = [
     "fastconsume._durations",
     "fastconsume._loading",
     "fastconsume._logs",
+    "fastconsume._options",
     "fastconsume._plugins",
     "fastconsume._process",
+    "fastconsume._reference",
+    "fastconsume._stats",
     "fastconsume._supervisor",
+    "fastconsume._values",
     "fastconsume.errors",
     "fastconsume.testing",
 ]

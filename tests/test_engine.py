@@ -124,7 +124,7 @@ def test_stats_report_partitions_after_a_drain(real_cluster: RealCluster) -> Non
     topic = real_cluster.create_topic(2)
     fill(real_cluster, topic, 2, 300)
     app = fc.App(real_cluster.bootstrap, new_group(), [topic])
-    during: list[dict[str, object]] = []
+    during: list[fc.Stats] = []
 
     @app.plugin(batch_size=100)
     def look(batch: fc.Batch) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections import defaultdict
 from typing import cast
 
@@ -12,7 +13,7 @@ import pytest
 
 import fastconsume as fc
 from fastconsume.pytest_plugin import TopicFactory
-from fastconsume.testing import MessageSpec, MockCluster, PluginRun, run_plugin
+from fastconsume.testing import IDLE_TIMEOUT, MessageSpec, MockCluster, PluginRun, run_plugin
 
 
 def test_a_sync_plugin_sees_every_message_in_order_and_its_results_are_kept() -> None:
@@ -125,6 +126,38 @@ def test_a_partial_failure_dead_letters_only_the_failed_message() -> None:
     assert all(isinstance(error, fc.PartialFailure) for error in run.errors)
     assert run.values == [b"a", b"poison", b"c", b"poison"]  # the retry holds the failed message alone
     assert run.stats["dead_lettered"] == 1
+
+
+def test_a_run_ends_as_its_last_call_returns_after_retries_and_a_dead_letter() -> None:
+    """The run stops once the plugin has returned for everything and no retry is due, not at
+    the idle timeout; the stop still completes the last calls and their dead letters."""
+
+    def flaky(batch: fc.Batch) -> None:
+        if batch.attempt == 1:
+            raise ConnectionError("first attempts fail")
+        if b"poison" in batch.values():
+            raise fc.PartialFailure([batch.values().index(b"poison")], ValueError("poisoned"))
+
+    started = time.monotonic()
+    run = run_plugin(
+        flaky, [b"a", b"b", b"poison", b"c"], partitions=3, retries=2, backoff=("200ms", "200ms"), dlq="kit-flaky"
+    )
+    took = time.monotonic() - started
+
+    assert took < IDLE_TIMEOUT * 0.8, f"the run took {took:.1f} s: it waited for the idle timeout"
+    assert sorted({value or b"" for value in run.values}) == [b"a", b"b", b"c", b"poison"]
+    assert all(run.values.count(value) == 2 for value in (b"a", b"b", b"c")), run.values  # failed once, then done
+    assert run.values.count(b"poison") == 3  # retried twice, then dead-lettered
+    assert run.stats["dead_lettered"] == 1
+    assert (run.stats["queued"], run.stats["in_flight"], run.stats["dead_letters_pending"]) == (0, 0, 0)
+
+
+def test_a_run_without_messages_ends_once_its_partitions_are_assigned() -> None:
+    started = time.monotonic()
+    run = run_plugin(len, [], partitions=2)
+    assert time.monotonic() - started < IDLE_TIMEOUT * 0.8
+    assert (run.calls, run.results, run.errors) == (0, [], [])
+    assert run.stats["batches"] == 0
 
 
 @pytest.mark.parametrize(

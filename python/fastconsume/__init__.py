@@ -16,7 +16,9 @@ import logging
 
 from ._app import App
 from ._core import Batch, Message, __version__
-from ._plugins import RateLimit
+from ._options import PluginOptions
+from ._stats import PartitionStats, PluginStats, Stats
+from ._values import RateLimit
 from .errors import (
     ConfigError,
     FastconsumeError,
@@ -45,9 +47,13 @@ __all__ = [
     "KafkaTLSError",
     "Message",
     "PartialFailure",
+    "PartitionStats",
     "PluginError",
+    "PluginOptions",
     "PluginSignatureError",
+    "PluginStats",
     "RateLimit",
+    "Stats",
     "UnknownTopicError",
     "__version__",
 ]

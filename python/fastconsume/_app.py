@@ -8,7 +8,6 @@ import difflib
 import inspect
 import logging
 import os
-import re
 import select
 import signal
 import sys
@@ -19,47 +18,34 @@ from types import FrameType
 from typing import TYPE_CHECKING, Any, TypeVar, cast, overload
 
 from . import _core
+from ._config import Config, load_config
 from ._durations import Duration, seconds
 from ._loading import installed_plugins, load_object, load_plugin
 from ._logs import run_report
-from ._plugins import (
-    DEFAULT_BACKOFF,
-    DEFAULT_BATCH_SIZE,
-    DEFAULT_CONCURRENCY,
-    DEFAULT_LINGER,
-    DEFAULT_MAX_QUEUED,
-    DEFAULT_MAX_QUEUED_BYTES,
-    DEFAULT_RETRIES,
-    PLUGIN_OPTIONS,
-    AsyncLoop,
-    OnFailure,
-    Plugin,
-    PluginFunc,
-    RateLimit,
-    check_options,
-    make_plugin,
-    rate_limit_of,
+from ._options import (
+    DEFAULT_CONNECT_TIMEOUT,
+    DEFAULT_DLQ_TIMEOUT,
+    DEFAULT_PROGRESS_INTERVAL,
+    DEFAULT_REVOKE_TIMEOUT,
+    DEFAULT_SHUTDOWN_TIMEOUT,
+    OPTIONS,
+    PluginOptions,
+    check_rules,
+    check_values,
 )
+from ._plugins import AsyncLoop, Plugin, PluginFunc, make_plugin
 from ._process import process_stats
+from ._stats import Stats
+from ._values import RateLimit, check_bootstrap, property_value, rate_limit_of, redact
 from .errors import ConfigError, PluginError
 
 if TYPE_CHECKING:
-    from ._config import Config
+    from typing_extensions import Unpack
 
 log = logging.getLogger("fastconsume")
 
 F = TypeVar("F", bound=PluginFunc)
 
-DEFAULT_CONNECT_TIMEOUT = 10.0
-"""Seconds to wait for the brokers' first answer before raising ``KafkaConnectionError``."""
-DEFAULT_SHUTDOWN_TIMEOUT = 30.0
-"""Seconds a stop waits for running plugin calls before leaving without their results."""
-DEFAULT_REVOKE_TIMEOUT = 30.0
-"""Seconds a rebalance waits for running calls on revoked partitions before committing."""
-DEFAULT_PROGRESS_INTERVAL = 30.0
-"""Seconds between two progress lines a run logs at INFO."""
-DEFAULT_DLQ_TIMEOUT = 30.0
-"""Seconds one dead-letter write may wait for the broker's acknowledgement before it fails."""
 MAX_DLQ_TIMEOUT = 24 * 86_400.0
 """librdkafka's ``message.timeout.ms`` is at most 2**31 - 1 ms, a little over 24 days."""
 
@@ -164,7 +150,7 @@ class App:
         if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
             raise ConfigError(f"workers must be a positive integer, got {workers!r}")
         self._workers = workers
-        self._rate_limit = rate_limit_of(rate_limit)
+        self._rate_limit = None if rate_limit is None else rate_limit_of(rate_limit, "rate_limit")
         self._shutdown_timeout = seconds(shutdown_timeout, "shutdown_timeout")
         self._revoke_timeout = seconds(revoke_timeout, "revoke_timeout")
         self._progress_interval = seconds(progress_interval, "progress_interval")
@@ -192,43 +178,13 @@ class App:
         return tuple(self._plugins)
 
     @overload
-    def plugin(self, func: F, /) -> F: ...
+    def plugin(self, func: F, /, *, name: str | None = None, **options: Unpack[PluginOptions]) -> F: ...
 
     @overload
-    def plugin(
-        self,
-        *,
-        name: str | None = None,
-        batch_size: int = DEFAULT_BATCH_SIZE,
-        linger: Duration = DEFAULT_LINGER,
-        concurrency: int = DEFAULT_CONCURRENCY,
-        max_queued: int = DEFAULT_MAX_QUEUED,
-        max_queued_bytes: int = DEFAULT_MAX_QUEUED_BYTES,
-        timeout: Duration | None = None,
-        rate_limit: float | RateLimit | None = None,
-        retries: int = DEFAULT_RETRIES,
-        backoff: tuple[Duration, Duration] = DEFAULT_BACKOFF,
-        dlq: str | None = None,
-        on_failure: OnFailure | None = None,
-    ) -> Callable[[F], F]: ...
+    def plugin(self, *, name: str | None = None, **options: Unpack[PluginOptions]) -> Callable[[F], F]: ...
 
     def plugin(
-        self,
-        func: F | None = None,
-        *,
-        name: str | None = None,
-        batch_size: int = DEFAULT_BATCH_SIZE,
-        linger: Duration = DEFAULT_LINGER,
-        concurrency: int = DEFAULT_CONCURRENCY,
-        max_queued: int = DEFAULT_MAX_QUEUED,
-        max_queued_bytes: int = DEFAULT_MAX_QUEUED_BYTES,
-        timeout: Duration | None = None,
-        rate_limit: float | RateLimit | None = None,
-        retries: int = DEFAULT_RETRIES,
-        backoff: tuple[Duration, Duration] = DEFAULT_BACKOFF,
-        dlq: str | None = None,
-        on_failure: OnFailure | None = None,
-        **unknown: Any,
+        self, func: F | None = None, *, name: str | None = None, **options: Unpack[PluginOptions]
     ) -> F | Callable[[F], F]:
         """Registers a plugin: a callable, sync or ``async``, that takes a :class:`Batch`.
 
@@ -236,60 +192,22 @@ class App:
         Each plugin has its own lane, so a slow or failing plugin holds back only itself
         until its lane is full; then fetching holds back until it has drained to half.
 
-        Args:
-            name: Names the plugin in stats and errors; defaults to the function's name.
-            batch_size: The most messages one call receives. A call holds messages of one
-                partition, in offset order.
-            linger: How long a batch may wait to fill once it holds a message. Batches are
-                formed once for all plugins, so the smallest linger of all plugins applies.
-            concurrency: Calls in flight at once, each on a different partition.
-            max_queued: Messages waiting or running in the lane before fetching pauses; it
-                resumes once half have been handled.
-            max_queued_bytes: The same bound in payload bytes.
-            timeout: Each call's deadline, which the plugin reads as ``batch.deadline`` and
-                ``batch.remaining()``. An async call is cancelled at it, which counts as a
-                failure; a sync call that overruns is counted (``overruns``) and logged, and
-                its result still counts.
-            rate_limit: Messages per second handed to this plugin (a number or a
-                :class:`RateLimit`), charged once per call.
-            retries: How many times a failed call is retried, after a backoff, for this
-                plugin alone; the others go on. The partition's later messages wait for it.
-            backoff: The first and the largest wait between attempts; it doubles each time,
-                with jitter.
-            dlq: A dead-letter topic. Messages whose retries run out are written there with
-                headers naming the plugin, the error and the original position; they count as
-                done once the write is acknowledged.
-            on_failure: What happens when retries run out: ``"dead_letter"`` (the default
-                with ``dlq``), ``"retry"`` (retry forever), or ``"stop"`` (the default
-                without ``dlq``: the run ends with :class:`~fastconsume.errors.PluginError`).
+        ``name`` names the plugin in stats, logs, errors and dead-letter headers; it defaults
+        to the function's name. The options are the keys of
+        :class:`~fastconsume.PluginOptions`, each described there and in
+        ``docs/configuration.md``. They are checked here, at the call: a bad value, or an
+        unknown option (with the closest one named), is a
+        :class:`~fastconsume.errors.ConfigError`.
         """
-
-        check_options(unknown)  # at the decorator's call, before it is applied
+        check_values(options)  # at the decorator's call, before it is applied
 
         def register(f: F) -> F:
-            self._register(
-                make_plugin(
-                    f,
-                    name=name,
-                    batch_size=batch_size,
-                    linger=linger,
-                    concurrency=concurrency,
-                    max_queued=max_queued,
-                    max_queued_bytes=max_queued_bytes,
-                    timeout=timeout,
-                    rate_limit=rate_limit,
-                    retries=retries,
-                    backoff=backoff,
-                    dlq=dlq,
-                    on_failure=on_failure,
-                    **unknown,
-                )
-            )
+            self._register(make_plugin(f, name, options))
             return f
 
         return register if func is None else register(func)
 
-    def add_plugin(self, plugin: object, /, **options: Any) -> Plugin:
+    def add_plugin(self, plugin: object, /, *, name: str | None = None, **options: Unpack[PluginOptions]) -> Plugin:
         """Registers a plugin object with the options of :meth:`plugin`, and returns its record.
 
         ``plugin`` is a callable taking a :class:`Batch` (sync or ``async``), an instance of a
@@ -312,7 +230,7 @@ class App:
         >>> app.add_plugin(Index, batch_size=100, timeout="5s").name
         'Index'
         """
-        record = make_plugin(plugin, **options)  # type: ignore[arg-type]
+        record = make_plugin(plugin, name, options)
         self._register(record)
         return record
 
@@ -378,7 +296,7 @@ class App:
                     f"{config.plugins_at}.{plugin.name}: names a plugin of the app; "
                     "entry_point is only for installed plugins"
                 )
-            plugins.append(plugin.with_options(**options))
+            plugins.append(plugin.with_options(options))
         for name, options in overrides.items():
             given = dict(options)
             where = f"{config.plugins_at}.{name}"
@@ -386,7 +304,7 @@ class App:
             installed = installed_plugins()
             if entry_point not in installed:
                 raise ConfigError(_unknown_plugin(where, entry_point, [p.name for p in own], sorted(installed)))
-            record = make_plugin(load_plugin(entry_point), name=name, **given)  # type: ignore[arg-type]
+            record = make_plugin(load_plugin(entry_point), name, given)
             if any(p.name == record.name for p in plugins):
                 raise ConfigError(f"{where}: a plugin named {name!r} is already registered")
             plugins.append(record)
@@ -399,7 +317,7 @@ class App:
             "bootstrap": settings["bootstrap"],
             "group": settings["group"],
             "topics": list(settings["topics"]),
-            "kafka": [(str(k), _property_value(v)) for k, v in settings["kafka"].items()],
+            "kafka": [(str(k), property_value(v)) for k, v in settings["kafka"].items()],
             "connect_timeout": seconds(settings["connect_timeout"], "connect_timeout"),
         }
 
@@ -411,11 +329,9 @@ class App:
         >>> app.describe()["kafka"]
         {'sasl.password': '***'}
         """
-        from ._config import redact  # noqa: PLC0415 -- _config builds on this module
-
         settings = dict(self._settings)
         settings["kafka"] = redact(settings["kafka"])
-        settings["plugins"] = {p.name: {option: getattr(p, option) for option in PLUGIN_OPTIONS} for p in self._plugins}
+        settings["plugins"] = {p.name: {option: getattr(p, option) for option in OPTIONS} for p in self._plugins}
         return settings
 
     def run(self, *, idle_timeout: Duration | None = None) -> None:
@@ -438,7 +354,7 @@ class App:
         if self._read_config and not self._configured:
             self._configure_from_files()
         idle = self.validate(idle_timeout=idle_timeout)
-        linger = min(p.linger for p in self._plugins)
+        linger = min(float(p.linger) for p in self._plugins)
         rate_limit = self._rate_limit
         with ExitStack() as stack:
             stack.enter_context(_exit_code_if_left_running())
@@ -483,8 +399,6 @@ class App:
         """What ``fastconsume run`` applies, applied by ``run()`` itself: ``./fastconsume.toml``
         (or ``[tool.fastconsume]``), then ``FASTCONSUME_*``. ``app`` names the app
         ``fastconsume run`` runs and ``processes`` is the supervisor's: neither applies here."""
-        from ._config import load_config  # noqa: PLC0415 -- _config builds on this module
-
         config = load_config()
         if config.processes > 1:
             log.warning(
@@ -513,16 +427,7 @@ class App:
         """
         if not self._plugins:
             raise ConfigError("register at least one plugin before run()")
-        # Batches are fetched as large as the largest batch_size, and a lane takes whole ones.
-        largest = max(p.batch_size for p in self._plugins)
-        for p in self._plugins:
-            if p.max_queued < largest:
-                raise ConfigError(
-                    f"plugin {p.name!r}: max_queued ({p.max_queued}) must be at least the largest "
-                    f"batch_size of the app ({largest})"
-                )
-        if self._rate_limit is not None:
-            self._rate_limit.checked(largest, "App")
+        check_rules(self._plugins, self._rate_limit)
         return None if idle_timeout is None else seconds(idle_timeout, "idle_timeout")
 
     def _worker_count(self) -> int:
@@ -554,8 +459,8 @@ class App:
         else:
             log.info("stopping: no call running; committing and leaving the group")
 
-    def stats(self) -> dict[str, Any]:
-        """Counters of the current or last run.
+    def stats(self) -> Stats:
+        """Counters of the current or last run, typed (:class:`~fastconsume.Stats`):
 
         - ``running``: whether a run is going on;
         - ``messages``: fetched and handed to the plugins;
@@ -571,49 +476,13 @@ class App:
           ``position`` (next offset fetched), ``committed`` and ``lag`` (high watermark
           minus committed);
         - ``process``: ``threads``, ``cpu_seconds`` and ``rss_bytes``.
+
+        >>> import fastconsume as fc
+        >>> stats = fc.App("127.0.0.1:9092", "feeds", "events").stats()
+        >>> stats["running"], stats["messages"], stats["plugins"], sorted(stats["process"])
+        (False, 0, {}, ['cpu_seconds', 'rss_bytes', 'threads'])
         """
-        stats = self._core.stats()
-        stats["process"] = process_stats()
-        return stats
-
-
-_HOST = re.compile(r"[A-Za-z0-9_]([A-Za-z0-9_.-]*[A-Za-z0-9_])?")
-_IPV6 = re.compile(r"\[[0-9A-Fa-f:.]+(%[A-Za-z0-9_.-]+)?\]")
-_PROTOCOLS = ("plaintext://", "ssl://", "sasl_plaintext://", "sasl_ssl://")
-
-
-def check_bootstrap(value: object, where: str) -> str:
-    """``value`` if it is a ``host:port[,host:port...]`` list, else a
-    :class:`~fastconsume.errors.ConfigError` naming the bad entry (``where`` names the
-    setting). IPv6 addresses go in brackets; a librdkafka protocol prefix is allowed.
-
-    >>> check_bootstrap("broker-1:9092,[::1]:9093", "bootstrap")
-    'broker-1:9092,[::1]:9093'
-    >>> check_bootstrap("garbage", "bootstrap")
-    Traceback (most recent call last):
-    ...
-    fastconsume.errors.ConfigError: bootstrap: 'garbage' has no port; expected host:port, like 'garbage:9092'
-    """
-    if not isinstance(value, str) or not value.strip():
-        raise ConfigError(f"{where}: expected host:port[,host:port...], got {value!r}")
-    for entry in value.split(","):
-        address = entry.strip()
-        if not address:
-            raise ConfigError(f"{where}: an empty entry in {value!r}")
-        for protocol in _PROTOCOLS:
-            if address.lower().startswith(protocol):
-                address = address[len(protocol) :]
-                break
-        host, colon, port = address.rpartition(":")
-        if not colon:
-            raise ConfigError(f"{where}: {entry.strip()!r} has no port; expected host:port, like '{address}:9092'")
-        if ":" in host and not host.startswith("["):
-            raise ConfigError(f"{where}: {entry.strip()!r}: write an IPv6 address in brackets, like '[::1]:9092'")
-        if not (_IPV6.fullmatch(host) or _HOST.fullmatch(host)):
-            raise ConfigError(f"{where}: {entry.strip()!r}: {host!r} is not a host name or address")
-        if not port.isdigit() or not 1 <= int(port) <= 65535:  # the TCP port range
-            raise ConfigError(f"{where}: {entry.strip()!r}: the port must be a number from 1 to 65535, got {port!r}")
-    return value
+        return Stats(**self._core.stats(), process=process_stats())
 
 
 def _unknown_plugin(where: str, name: str, own: Sequence[str], installed: Sequence[str]) -> str:
@@ -693,12 +562,6 @@ def _call_hook(hook: Callable[[], object], event_loop: AsyncLoop | None) -> None
 
 async def _awaiting(awaitable: Any) -> object:
     return await awaitable
-
-
-def _property_value(value: object) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    return str(value)
 
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)

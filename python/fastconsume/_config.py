@@ -3,53 +3,57 @@
 Settings come from ``fastconsume.toml`` in the working directory (else the
 ``[tool.fastconsume]`` table of ``pyproject.toml`` there, or a file given explicitly), then
 from ``FASTCONSUME_*`` environment variables, which win. Every key is described once, in
-:data:`TOP_LEVEL_KEYS` and :data:`PLUGIN_OPTION_KEYS`; the same description validates values
-and writes the reference, so the docs cannot drift from the code. Regenerate the reference
-with::
+:data:`TOP_LEVEL_KEYS` and, for a ``[plugins.NAME]`` table, in the plugin options' schema
+(``fastconsume.PluginOptions``); the same description validates values and writes the
+reference, so the docs cannot drift from the code. ``_reference`` writes the reference from them::
 
-    python -m fastconsume._config > docs/configuration.md
+    python -m fastconsume._reference > docs/configuration.md
 
 Mistakes raise :class:`~fastconsume.errors.ConfigError` with one line naming the file and key,
 or the environment variable.
 
->>> redact({"sasl.username": "feeds", "sasl.password": "hunter2", "fetch.wait.max.ms": 100})
-{'sasl.username': 'feeds', 'sasl.password': '***', 'fetch.wait.max.ms': '100'}
+>>> load_config(environ={"FASTCONSUME_GROUP": "feeds"}, cwd=Path("/")).settings
+{'group': 'feeds'}
 """
 
 from __future__ import annotations
 
 import difflib
 import json
-import math
 import os
 import sys
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NoReturn, cast, get_args
+from typing import cast
 
-from ._app import (
+from ._options import (
     DEFAULT_CONNECT_TIMEOUT,
     DEFAULT_DLQ_TIMEOUT,
     DEFAULT_PROGRESS_INTERVAL,
     DEFAULT_REVOKE_TIMEOUT,
     DEFAULT_SHUTDOWN_TIMEOUT,
-    _property_value,
-    check_bootstrap,
-)
-from ._durations import _UNITS, Duration, seconds
-from ._plugins import (
-    DEFAULT_BACKOFF,
-    DEFAULT_BATCH_SIZE,
-    DEFAULT_CONCURRENCY,
-    DEFAULT_LINGER,
-    DEFAULT_MAX_QUEUED,
-    DEFAULT_MAX_QUEUED_BYTES,
-    DEFAULT_RETRIES,
-    OnFailure,
-    RateLimit,
+    OPTIONS,
+    Option,
 )
 from ._supervisor import WORKER_INDEX_ENV
+from ._values import (
+    BOOLEAN,
+    BOOTSTRAP,
+    DURATION,
+    KAFKA,
+    POSITIVE_INTEGER,
+    RATE_LIMIT,
+    TARGET,
+    TEXT,
+    TOPICS,
+    Key,
+    Kind,
+)
+from ._values import child as _child
+from ._values import expected as _expected
+from ._values import keys as _keys
+from ._values import table as _table
 from .errors import ConfigError
 
 if sys.version_info >= (3, 11):
@@ -59,15 +63,10 @@ else:  # mypy checks this branch (python_version 3.10) whether or not tomli is i
 
 __all__ = [
     "PLUGIN_OPTION_KEYS",
-    "SECRET_WORDS",
     "TOP_LEVEL_KEYS",
     "Config",
-    "Key",
-    "Kind",
+    "env_var",
     "load_config",
-    "main",
-    "redact",
-    "reference",
 ]
 
 CONFIG_FILE = "fastconsume.toml"
@@ -81,51 +80,6 @@ KAFKA_ENV_PREFIX = "FASTCONSUME_KAFKA_"
 # workers, and those of the test suite and scripts/check.
 FOREIGN_ENV_PREFIX = "FASTCONSUME_TEST_"
 FOREIGN_ENV_VARS = (WORKER_INDEX_ENV, "FASTCONSUME_CACHE")
-
-SECRET_WORDS = (
-    "password",  # sasl.password, ssl.key.password, ssl.keystore.password
-    "passphrase",  # sasl.oauthbearer.assertion.private.key.passphrase
-    "secret",  # sasl.oauthbearer.client.secret and its alias ...client.credentials.client.secret
-    "key.pem",  # ssl.key.pem, sasl.oauthbearer.assertion.private.key.pem: private keys inline
-    "ssl_key",  # the private key as set through librdkafka's ssl_cert API
-    "sasl.oauthbearer.config",  # may carry credentials for the unsecured JWT or metadata logins
-    "sasl.jaas.config",  # the Java clients' form, holding a password, if one is copied over
-    "token",  # any token a future property carries
-)
-"""Substrings of librdkafka property names whose values are secrets (see librdkafka's
-CONFIGURATION.md). Substrings rather than exact names, so aliases and properties added by
-later librdkafka versions (``*.password``, ``*.secret``) are hidden too: showing a harmless
-value as ``***`` costs little, printing a password costs a lot."""
-
-REDACTED = "***"
-
-Check = Callable[[object, str], object]
-"""Validates a value from a file; ``where`` names the file and key in errors. Returns the
-value kept."""
-EnvParse = Callable[[str, str], object]
-"""Turns an environment variable's text into a value, then validates it like a file value;
-``where`` is the variable's name."""
-
-
-@dataclass(frozen=True)
-class Kind:
-    """A type of value: how the reference names it, how a file value is checked and how an
-    environment value is read (``None``: not settable as one variable)."""
-
-    label: str
-    check: Check
-    from_env: EnvParse | None = None
-
-
-@dataclass(frozen=True)
-class Key:
-    """One configuration key, as the reference documents it and validation checks it."""
-
-    name: str
-    kind: Kind
-    default: str
-    """Markdown for the reference: a TOML value, or a few words when the default is computed."""
-    meaning: str
 
 
 @dataclass(frozen=True)
@@ -148,202 +102,6 @@ class Config:
     """Where the ``plugins`` table is, for messages: ``"fastconsume.toml: plugins"``."""
 
 
-# --- Value checks. Each raises one line, "<where>: <problem>". ---
-
-
-def _expected(where: str, what: str, value: object) -> NoReturn:
-    raise ConfigError(f"{where}: expected {what}, got {value!r}")
-
-
-def _child(where: str, name: str) -> str:
-    """The location of ``name`` inside the table at ``where`` (``"file: "`` for a file's root)."""
-    return f"{where}{name}" if where.endswith(": ") else f"{where}.{name}"
-
-
-def _unknown_key(where: str, name: str, known: Iterable[str]) -> NoReturn:
-    known = list(known)
-    close = difflib.get_close_matches(name, known, n=1)
-    hint = f"did you mean {close[0]!r}?" if close else f"expected one of: {', '.join(known)}"
-    raise ConfigError(f"{_child(where, name)}: unknown key; {hint}")
-
-
-def _table(value: object, where: str) -> Mapping[str, object]:
-    if not isinstance(value, Mapping):
-        _expected(where, "a table", value)
-    return cast(Mapping[str, object], value)
-
-
-def _keys(value: object, where: str, keys: Mapping[str, Key]) -> dict[str, object]:
-    """A table whose keys are all in ``keys``, each value checked by its key's kind."""
-    checked: dict[str, object] = {}
-    for name, item in _table(value, where).items():
-        key = keys.get(name)
-        if key is None:
-            _unknown_key(where, name, keys)
-        checked[name] = key.kind.check(item, _child(where, name))
-    return checked
-
-
-def _text(value: object, where: str) -> str:
-    if not isinstance(value, str) or not value.strip():
-        _expected(where, "a non-empty string", value)
-    return value
-
-
-def _target(value: object, where: str) -> str:
-    text = _text(value, where)
-    module, _, attribute = text.rpartition(":")
-    if not module or not attribute:
-        _expected(where, '"MODULE:ATTR" or "path/to/file.py:ATTR"', value)
-    return text
-
-
-def _bootstrap(value: object, where: str) -> str:
-    return check_bootstrap(value, where)
-
-
-def _topics(value: object, where: str) -> list[str]:
-    if not isinstance(value, list) or not value or not all(isinstance(topic, str) and topic.strip() for topic in value):
-        _expected(where, "a non-empty list of topic names", value)
-    return cast(list[str], value)
-
-
-def _topics_from_env(text: str, where: str) -> list[str]:
-    return _topics([topic.strip() for topic in text.split(",")], where)
-
-
-def _integer(value: object, where: str, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        _expected(where, "an integer", value)
-    if value < minimum:
-        raise ConfigError(f"{where}: must be at least {minimum}, got {value!r}")
-    return value
-
-
-def _positive_integer(value: object, where: str) -> int:
-    return _integer(value, where, 1)
-
-
-def _non_negative_integer(value: object, where: str) -> int:
-    return _integer(value, where, 0)
-
-
-def _boolean(value: object, where: str) -> bool:
-    if not isinstance(value, bool):
-        _expected(where, "true or false", value)
-    return value
-
-
-_ENV_BOOLEANS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
-
-
-def _boolean_from_env(text: str, where: str) -> object:
-    value = _ENV_BOOLEANS.get(text.strip().lower())
-    if value is None:
-        _expected(where, "true or false", text)
-    return value
-
-
-def _integer_from_env(check: Check) -> EnvParse:
-    def parse(text: str, where: str) -> object:
-        try:
-            number = int(text.strip())
-        except ValueError:
-            _expected(where, "an integer", text)
-        return check(number, where)
-
-    return parse
-
-
-def _number_from_text(text: str) -> int | float | None:
-    """``text`` as an int or a float, or ``None`` if it is neither."""
-    try:
-        return int(text)
-    except ValueError:
-        pass
-    try:
-        return float(text)
-    except ValueError:
-        return None
-
-
-def _positive_number(value: object, where: str) -> int | float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-        _expected(where, "a positive number", value)
-    return value
-
-
-def _duration(value: object, where: str) -> object:
-    """Checked, but kept as written (``"20ms"`` or seconds), as ``App`` accepts both."""
-    seconds(cast(Duration, value), where)  # reports non-durations of any type itself
-    return value
-
-
-def _duration_from_env(text: str, where: str) -> object:
-    number = _number_from_text(text)
-    return _duration(text.strip() if number is None else number, where)
-
-
-def _rate_limit(value: object, where: str) -> int | float | RateLimit:
-    if not isinstance(value, Mapping):
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            _expected(where, "messages per second or a table { per_second = ..., burst = ... }", value)
-        return _positive_number(value, where)
-    fields = _keys(value, where, _RATE_LIMIT_KEYS)
-    if "per_second" not in fields:
-        raise ConfigError(f"{where}: a rate_limit table needs per_second")
-    return RateLimit(cast(float, fields["per_second"]), cast("int | None", fields.get("burst")))
-
-
-def _rate_limit_from_env(text: str, where: str) -> int | float:
-    number = _number_from_text(text)
-    if number is None:
-        _expected(where, "messages per second", text)
-    return _positive_number(number, where)
-
-
-def _kafka(value: object, where: str) -> dict[str, str]:
-    """librdkafka properties as strings. A dotted key written bare (``sasl.password = ...``)
-    is a nested table in TOML, so nested tables are joined back into dotted names."""
-    properties: dict[str, str] = {}
-    if not isinstance(value, Mapping):
-        # The type only: a string here may well be "sasl.password=...".
-        raise ConfigError(f"{where}: expected a table, got a {type(value).__name__}")
-
-    def add(table: object, prefix: str, at: str) -> None:
-        for name, item in _table(table, at).items():
-            prop = f"{prefix}{name}"
-            if isinstance(item, Mapping):
-                add(item, f"{prop}.", _child(at, name))
-                continue
-            if not isinstance(item, (str, int, float)):  # bool is an int
-                # The type only: the value may be a secret.
-                raise ConfigError(
-                    f"{_child(where, prop)}: expected a string, number or boolean, got a {type(item).__name__}"
-                )
-            if prop in properties:
-                raise ConfigError(f"{_child(where, prop)}: given twice")
-            properties[prop] = _property_value(item)
-
-    add(value, "", where)
-    return properties
-
-
-def _backoff(value: object, where: str) -> tuple[object, object]:
-    if not isinstance(value, list) or len(value) != 2:
-        _expected(where, 'a list of two durations, the first and the largest wait, like ["100ms", "30s"]', value)
-    return _duration(value[0], f"{where}[0]"), _duration(value[1], f"{where}[1]")
-
-
-_ON_FAILURE_CHOICES: tuple[str, ...] = get_args(OnFailure)
-
-
-def _on_failure(value: object, where: str) -> str:
-    if value not in _ON_FAILURE_CHOICES:
-        _expected(where, " or ".join(map(repr, _ON_FAILURE_CHOICES)), value)
-    return value
-
-
 def _plugins(value: object, where: str) -> dict[str, dict[str, object]]:
     plugins: dict[str, dict[str, object]] = {}
     for name, options in _table(value, where).items():
@@ -356,19 +114,6 @@ def _plugins(value: object, where: str) -> dict[str, dict[str, object]]:
     return plugins
 
 
-TEXT = Kind("string", _text, _text)
-BOOTSTRAP = Kind('string, `"host:port,..."`', _bootstrap, _bootstrap)
-TARGET = Kind('string, `"MODULE:ATTR"`', _target, _target)
-TOPICS = Kind("list of strings", _topics, _topics_from_env)
-KAFKA = Kind("table", _kafka)  # from the environment one property at a time: FASTCONSUME_KAFKA_<NAME>
-RATE_LIMIT = Kind("number or table", _rate_limit, _rate_limit_from_env)
-POSITIVE_INTEGER = Kind("integer ≥ 1", _positive_integer, _integer_from_env(_positive_integer))
-NON_NEGATIVE_INTEGER = Kind("integer ≥ 0", _non_negative_integer, _integer_from_env(_non_negative_integer))
-POSITIVE_NUMBER = Kind("number > 0", _positive_number)
-DURATION = Kind("duration", _duration, _duration_from_env)
-BOOLEAN = Kind("boolean", _boolean, _boolean_from_env)
-BACKOFF = Kind("list of 2 durations", _backoff)
-ON_FAILURE = Kind(" or ".join(f'`"{choice}"`' for choice in _ON_FAILURE_CHOICES), _on_failure)
 PLUGINS = Kind("table of tables", _plugins)
 
 
@@ -486,59 +231,14 @@ TOP_LEVEL_KEYS: tuple[Key, ...] = (
 )
 """The top-level keys of ``fastconsume.toml`` (or ``[tool.fastconsume]``), in reference order."""
 
+
+def _plugin_key(option: Option) -> Key:
+    default = option.default_doc or ("none" if option.default is None else _toml(option.default))
+    return Key(option.name, option.kind, default, option.meaning)
+
+
 PLUGIN_OPTION_KEYS: tuple[Key, ...] = (
-    Key("batch_size", POSITIVE_INTEGER, _toml(DEFAULT_BATCH_SIZE), "The most messages one call receives."),
-    Key(
-        "linger",
-        DURATION,
-        _toml(DEFAULT_LINGER),
-        "How long a batch may wait to fill; the smallest linger of all plugins applies.",
-    ),
-    Key(
-        "concurrency",
-        POSITIVE_INTEGER,
-        _toml(DEFAULT_CONCURRENCY),
-        "Calls in flight at once, each on its own partition.",
-    ),
-    Key(
-        "max_queued",
-        POSITIVE_INTEGER,
-        _toml(DEFAULT_MAX_QUEUED),
-        "Messages waiting or running in the plugin's lane before fetching pauses; at least `batch_size`.",
-    ),
-    Key("max_queued_bytes", POSITIVE_INTEGER, _toml(DEFAULT_MAX_QUEUED_BYTES), "The same bound in payload bytes."),
-    Key(
-        "timeout",
-        DURATION,
-        "none",
-        "Each call's deadline (`batch.deadline`); an async call is cancelled at it, a sync call that "
-        "overruns is counted.",
-    ),
-    Key(
-        "rate_limit",
-        RATE_LIMIT,
-        "none",
-        "Messages per second handed to this plugin: a number, or `{ per_second = ..., burst = ... }`.",
-    ),
-    Key("retries", NON_NEGATIVE_INTEGER, _toml(DEFAULT_RETRIES), "How many times a failed call is retried."),
-    Key(
-        "backoff",
-        BACKOFF,
-        _toml(DEFAULT_BACKOFF),
-        "The first and the largest wait between attempts; it doubles each time, with jitter.",
-    ),
-    Key(
-        "dlq",
-        TEXT,
-        "none",
-        "A dead-letter topic for messages whose retries run out; they count as done once written.",
-    ),
-    Key(
-        "on_failure",
-        ON_FAILURE,
-        '`"dead_letter"` with `dlq`, else `"stop"`',
-        "What happens when retries run out: dead-letter the messages, retry forever, or end the run.",
-    ),
+    *(_plugin_key(option) for option in OPTIONS.values()),
     Key(
         "entry_point",
         TEXT,
@@ -546,28 +246,22 @@ PLUGIN_OPTION_KEYS: tuple[Key, ...] = (
         "The entry point to load, when its name differs from the table's.",
     ),
 )
-"""The keys of a ``[plugins.NAME]`` table: ``App.plugin(...)`` options, and ``entry_point``."""
+"""The keys of a ``[plugins.NAME]`` table: the plugin options, and ``entry_point``."""
 
 _TOP_LEVEL = {key.name: key for key in TOP_LEVEL_KEYS}
 _PLUGIN_OPTIONS = {key.name: key for key in PLUGIN_OPTION_KEYS}
-_RATE_LIMIT_KEYS = {
-    key.name: key
-    for key in (
-        Key("per_second", POSITIVE_NUMBER, "required", "Messages per second."),
-        Key("burst", POSITIVE_INTEGER, "the batch size", "Messages that may pass at once."),
-    )
-}
 # Keys of the file that are not App(...) arguments.
 _NOT_SETTINGS = ("app", "processes", "plugins")
 
 
-def _env_var(key: Key) -> str | None:
+def env_var(key: Key) -> str | None:
+    """The environment variable that sets ``key``, if one does."""
     if key.kind is KAFKA:
         return f"{KAFKA_ENV_PREFIX}<NAME>"
     return None if key.kind.from_env is None else f"{ENV_PREFIX}{key.name.upper()}"
 
 
-_ENV_KEYS = {var: key for key in TOP_LEVEL_KEYS if key.kind.from_env is not None and (var := _env_var(key))}
+_ENV_KEYS = {var: key for key in TOP_LEVEL_KEYS if key.kind.from_env is not None and (var := env_var(key))}
 
 
 # --- Loading. ---
@@ -686,181 +380,3 @@ def _property_of(var: str) -> str:
             f"{var}: not a librdkafka property name; write e.g. {KAFKA_ENV_PREFIX}SASL_PASSWORD for sasl.password"
         )
     return name
-
-
-# --- Secrets. ---
-
-
-def _is_secret(name: str) -> bool:
-    lowered = name.lower()
-    return any(word in lowered for word in SECRET_WORDS)
-
-
-def redact(kafka: Mapping[str, object]) -> dict[str, str]:
-    """librdkafka properties as strings, with the values of secret ones (names containing one
-    of :data:`SECRET_WORDS`) replaced by ``***``."""
-    return {str(name): REDACTED if _is_secret(str(name)) else _property_value(value) for name, value in kafka.items()}
-
-
-# --- The reference. ---
-
-_EXAMPLE = """\
-app = "feeds.app:app"  # optional: an App whose plugins run
-bootstrap = "broker-1:9092,broker-2:9092"
-group = "feeds"
-topics = ["events", "audit"]
-processes = 2
-shutdown_timeout = "45s"
-
-[kafka]
-"security.protocol" = "sasl_ssl"
-"sasl.mechanism" = "SCRAM-SHA-512"
-"sasl.username" = "feeds"
-# and the password from the environment: FASTCONSUME_KAFKA_SASL_PASSWORD=...
-
-[plugins.index]  # options override the app's, or the entry point's defaults
-batch_size = 1000
-linger = "50ms"
-retries = 5
-backoff = ["200ms", "1m"]
-dlq = "events.dlq"
-
-[plugins.audit]  # enabled with its defaults
-"""
-
-
-def _cell(text: str) -> str:
-    return text.replace("|", "\\|")
-
-
-def _table_rows(header: tuple[str, ...], rows: Iterable[tuple[str, ...]]) -> list[str]:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(_cell(cell) for cell in row) + " |" for row in rows]
-    return lines
-
-
-def reference() -> str:
-    """The configuration reference as Markdown (``docs/configuration.md``), from the schema."""
-    units = ", ".join(f"`{unit}`" for unit in _UNITS)
-    env_var = {key.name: _env_var(key) for key in TOP_LEVEL_KEYS}
-    lines = [
-        "# Configuration",
-        "",
-        "<!-- Generated by `python -m fastconsume._config > docs/configuration.md`; "
-        "edit python/fastconsume/_config.py instead. -->",
-        "",
-        "`python app.py` (`app.run()`) and `fastconsume run` take their settings from the same sources, "
-        "in the same order, each overriding the one before:",
-        "",
-        "1. the code: the arguments of `fc.App(...)` and of each `@app.plugin(...)`;",
-        f"2. a file: `{CONFIG_FILE}` in the working directory, else the `[tool.fastconsume]` table of "
-        f"`{PYPROJECT_FILE}` there (`{CONFIG_FILE}` wins if both exist); or the file given with "
-        f"`--config FILE`: `{CONFIG_FILE}`-shaped, or a file named `{PYPROJECT_FILE}`, whose "
-        "`[tool.fastconsume]` is used;",
-        f"3. environment variables: `{ENV_PREFIX}<KEY>` for a top-level key (`{ENV_PREFIX}GROUP=feeds`), "
-        f"and `{KAFKA_ENV_PREFIX}<NAME>` for a librdkafka property, its name upper-cased with `_` for `.` "
-        f"(`{KAFKA_ENV_PREFIX}SASL_PASSWORD` sets `sasl.password`; `__` stands for a literal `_`, "
-        f"`{KAFKA_ENV_PREFIX}LOG__LEVEL` sets `log_level`).",
-        "",
-        "There is one code path: the first `app.run()` applies the file and the environment to the app "
-        "itself, over its code; `fastconsume run MODULE:APP` applies them (with its `--config`) to the "
-        "module's `app` object before calling its `run()`. So the object in the module is the one that "
-        "runs: its `stats()` and `stop()` act on the run either way. Where the two ways differ, it is "
-        "because a source only makes sense for one of them:",
-        "",
-        *_table_rows(
-            ("source", "`python app.py` (`app.run()`)", "`fastconsume run [MODULE:APP]`"),
-            (
-                ("the code", "applies", "applies (the app named, or the config's `app`)"),
-                (
-                    f"`{CONFIG_FILE}` / `[tool.fastconsume]`",
-                    "applies, from the working directory",
-                    "applies, from the working directory or `--config FILE`",
-                ),
-                (
-                    f"`{ENV_PREFIX}*` variables",
-                    "applies; a misspelled one is a `ConfigError`",
-                    "applies; a misspelled one exits 2",
-                ),
-                (
-                    "`app` key",
-                    "ignored: the app that runs is the one whose `run()` is called",
-                    "the app to run, unless given",
-                ),
-                (
-                    "`processes` key",
-                    "not applied (one process), with a warning",
-                    "that many worker processes under a supervisor",
-                ),
-                (
-                    "`App(..., read_config=False)`",
-                    "nothing but the code applies",
-                    "the file and environment still apply",
-                ),
-            ),
-        ),
-        "",
-        "The environment overrides the file key by key; a property from the environment replaces only "
-        "that property of `[kafka]`. Keys set nowhere keep the app's own settings and plugin options, "
-        "then the defaults below; without an app, `bootstrap`, `group` and `topics` must come from the "
-        "configuration. A `[plugins.NAME]` table that names neither a plugin of the app nor an installed "
-        "one is an error naming the file and suggesting the closest names.",
-        "",
-        "An app built in a test should pass `read_config=False`, so that a configuration meant for a "
-        "deployment (a `[tool.fastconsume]` in the project's `pyproject.toml`, an exported "
-        f"`{ENV_PREFIX}BOOTSTRAP`) cannot point it at other brokers; `fastconsume.testing` does so.",
-        "",
-        "Durations are seconds as a number, or a string with a unit: "
-        f'{units} (`"20ms"`, `"5s"`, `"2m"`). Unknown keys, values of the wrong type and unknown '
-        f"`{ENV_PREFIX}*` variables are errors naming the file and key, or the variable "
-        f"(`{WORKER_INDEX_ENV}`, set by `--processes` on each worker, `{FOREIGN_ENV_PREFIX}*` and "
-        f"{', '.join(f'`{var}`' for var in FOREIGN_ENV_VARS[1:])}, used by the test suite, are ignored).",
-        "",
-        "## Keys",
-        "",
-        *_table_rows(
-            ("key", "type", "default", "environment variable", "meaning"),
-            (
-                (
-                    f"`{key.name}`",
-                    key.kind.label,
-                    key.default,
-                    f"`{env_var[key.name]}`" if env_var[key.name] else "—",
-                    key.meaning,
-                )
-                for key in TOP_LEVEL_KEYS
-            ),
-        ),
-        "",
-        "## Plugin options",
-        "",
-        "The keys of a `[plugins.NAME]` table, with the meaning and checks of `App.plugin(...)`; "
-        "not settable from the environment.",
-        "",
-        *_table_rows(
-            ("key", "type", "default", "meaning"),
-            ((f"`{key.name}`", key.kind.label, key.default, key.meaning) for key in PLUGIN_OPTION_KEYS),
-        ),
-        "",
-        "## Example",
-        "",
-        f"`{CONFIG_FILE}`:",
-        "",
-        "```toml",
-        _EXAMPLE.rstrip("\n"),
-        "```",
-        "",
-        f"The same in `{PYPROJECT_FILE}` goes under `[tool.fastconsume]`, with "
-        "`[tool.fastconsume.kafka]` and `[tool.fastconsume.plugins.index]` for the tables.",
-        "",
-    ]
-    return "\n".join(lines)
-
-
-def main() -> None:
-    """Prints the reference: ``python -m fastconsume._config > docs/configuration.md``."""
-    sys.stdout.write(reference())
-
-
-if __name__ == "__main__":
-    main()

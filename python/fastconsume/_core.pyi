@@ -3,6 +3,8 @@
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Protocol, TypedDict, final
 
+from ._stats import ConsumerStats
+
 __all__ = [
     "Batch",
     "Consumer",
@@ -138,7 +140,7 @@ class Consumer:
         dlq_timeout: float = 30.0,
     ) -> None: ...
     def stop(self) -> None: ...
-    def stats(self) -> dict[str, Any]: ...
+    def stats(self) -> ConsumerStats: ...
 
 @final
 class MockCluster:

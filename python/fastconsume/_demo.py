@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from ._app import App
 from ._core import Batch, MockCluster, produce
+from ._stats import Stats
 
 TOPIC = "demo"
 # The mock cluster keeps at most 5 MiB or 100,000 messages per partition and drops older
@@ -19,7 +20,7 @@ class DemoResult:
     messages: int
     seconds: float
     cpu_seconds: float
-    stats: dict[str, object]
+    stats: Stats
 
     @property
     def rate(self) -> float:
@@ -78,15 +79,10 @@ def print_report(result: DemoResult) -> None:
     print(f"CPU us/msg       {result.cpu_us_per_message:>12.2f}  (process CPU; includes the in-process mock broker)")
     print()
     print(f"{'plugin':<10} {'batches':>8} {'messages':>10} {'p50 ms':>9} {'p99 ms':>9} {'queue peak':>11}")
-    plugins = result.stats.get("plugins", {})
-    assert isinstance(plugins, dict)
-    for name, s in plugins.items():
+    for name, s in result.stats["plugins"].items():
         p50, p99 = s["latency_p50"] * 1e3, s["latency_p99"] * 1e3
         print(f"{name:<10} {s['batches']:>8} {s['messages']:>10,} {p50:>9.3f} {p99:>9.3f} {s['queued_peak']:>11,}")
-    partitions = result.stats.get("partitions", {})
-    process = result.stats.get("process", {})
-    assert isinstance(partitions, dict)
-    assert isinstance(process, dict)
+    partitions, process = result.stats["partitions"], result.stats["process"]
     committed = sum(p["committed"] or 0 for p in partitions.values())
     lag = sum(p["lag"] or 0 for p in partitions.values())
     print()

@@ -9,12 +9,28 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any, TextIO
+from typing import Any, Protocol, TextIO
 
-if TYPE_CHECKING:
-    from ._app import App
+from ._stats import PluginStats, Stats
+
+
+class _Named(Protocol):
+    @property
+    def name(self) -> str: ...
+
+
+class Reported(Protocol):
+    """What a run's report reads of its app (``fastconsume.App``)."""
+
+    @property
+    def plugins(self) -> Sequence[_Named]: ...
+
+    def describe(self) -> dict[str, Any]: ...
+
+    def stats(self) -> Stats: ...
+
 
 PROGRESS_INTERVAL = 1.0
 """Seconds between two refreshes of the terminal's progress line."""
@@ -64,9 +80,7 @@ def configure_logging() -> None:
     root.setLevel(logging.INFO)
 
 
-def describe_progress(
-    stats: dict[str, Any], rate: float, previous: dict[str, Any] | None = None, elapsed: float = 0.0
-) -> str:
+def describe_progress(stats: Stats, rate: float, previous: Stats | None = None, elapsed: float = 0.0) -> str:
     """One line: messages fetched per second, total lag, and for each plugin its messages
     handled per second (since ``previous``, the stats ``elapsed`` seconds ago), its p99
     latency and its errors.
@@ -78,9 +92,9 @@ def describe_progress(
     '1,520 msg/s  lag 7  index 500 msg/s p99 12.3ms 2 errors'
     """
     lag = sum(p["lag"] or 0 for p in stats["partitions"].values())
-    earlier = previous["plugins"] if previous is not None else {}
+    earlier: Mapping[str, PluginStats] = previous["plugins"] if previous is not None else {}
 
-    def plugin_rate(name: str, plugin: dict[str, Any]) -> str:
+    def plugin_rate(name: str, plugin: PluginStats) -> str:
         if name not in earlier or elapsed <= 0:
             return ""
         # max: the first stats of a run may still be the last run's.
@@ -97,7 +111,7 @@ def _errors(count: int) -> str:
     return f"{count} error{'' if count == 1 else 's'}"
 
 
-def describe_start(app: App, workers: int) -> str:
+def describe_start(app: Reported, workers: int) -> str:
     """The line a run starts with: where it consumes, with which plugins and threads.
 
     >>> import fastconsume as fc
@@ -113,7 +127,7 @@ def describe_start(app: App, workers: int) -> str:
     )
 
 
-def describe_summary(stats: dict[str, Any], outcome: str, elapsed: float) -> str:
+def describe_summary(stats: Stats, outcome: str, elapsed: float) -> str:
     """The line a run ends with: how it ended, its totals per plugin and the committed offsets.
 
     >>> stats = {"messages": 1000, "partitions": {"t[0]": {"committed": 600}, "t[1]": {"committed": None}},
@@ -140,8 +154,8 @@ def describe_summary(stats: dict[str, Any], outcome: str, elapsed: float) -> str
 
 
 def _progress(
-    app: App, interval: float, done: threading.Event, started: float
-) -> Iterator[tuple[dict[str, Any], str, float]]:
+    app: Reported, interval: float, done: threading.Event, started: float
+) -> Iterator[tuple[Stats, str, float]]:
     """Every ``interval`` seconds until ``done``: ``app.stats()``, the progress line made from
     it and the previous sample, and the time it was taken."""
     last, last_time = app.stats(), started
@@ -156,7 +170,7 @@ def _progress(
 
 @contextmanager
 def run_report(
-    app: App, *, workers: int, interval: float, logger: logging.Logger, ended: Callable[[], str]
+    app: Reported, *, workers: int, interval: float, logger: logging.Logger, ended: Callable[[], str]
 ) -> Iterator[None]:
     """Logs at INFO the start line, then every ``interval`` seconds a progress line (from
     ``app.stats()``, on a thread of its own that sleeps in between: nothing per message),
@@ -247,7 +261,7 @@ class _SharedStream:
 
 
 @contextmanager
-def progress_line(app: App) -> Iterator[None]:
+def progress_line(app: Reported) -> Iterator[None]:
     """While the body runs, rewrites one line on stderr every second, if stderr is a terminal.
 
     Log handlers writing to stderr, and ``sys.stdout``/``sys.stderr`` themselves when they

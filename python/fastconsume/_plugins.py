@@ -1,120 +1,85 @@
-"""Plugin registration: validation of the callable and its options, and the event loop of
-async plugins."""
+"""Plugin registration: the record of a registered plugin, validation of its callable, and
+the event loop of async plugins. Its options are checked by their schema (``_options``)."""
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
 import contextlib
-import difflib
 import inspect
-import math
 import threading
 import types
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any
 
 from ._core import Batch
-from ._durations import Duration, seconds
+from ._options import OPTIONS, PluginOptions, check_rules, check_values, engine_values, failure_policy
+from ._values import OnFailure
 from .errors import ConfigError, PluginSignatureError
+
+if TYPE_CHECKING:
+    # What the native side reads of a plugin, as the stubs declare it: the type of the
+    # attributes that Plugin serves from its options.
+    from ._core import PluginSpec as _NativeView
+else:
+    _NativeView = object
 
 SyncPlugin = Callable[[Batch], object]
 AsyncPlugin = Callable[[Batch], Awaitable[object]]
 PluginFunc = SyncPlugin | AsyncPlugin
 
-DEFAULT_BATCH_SIZE = 500
-DEFAULT_LINGER = "20ms"
-DEFAULT_CONCURRENCY = 1
-DEFAULT_MAX_QUEUED = 10_000
-DEFAULT_MAX_QUEUED_BYTES = 64 * 1024 * 1024
-DEFAULT_RETRIES = 3
-DEFAULT_BACKOFF = ("100ms", "30s")
 
-OnFailure = Literal["dead_letter", "retry", "stop"]
-_ON_FAILURE = ("dead_letter", "retry", "stop")
+class Plugin(_NativeView):
+    """A registered plugin: its name, its callable and its options, checked. Each option is
+    an attribute in the engine's units (``plugin.linger`` in seconds, ``plugin.rate_limit`` a
+    :class:`~fastconsume.RateLimit` or ``None``), which is how the native side reads it;
+    :attr:`given` keeps the options as written, so that :meth:`with_options` derives the
+    options that default from others again (``rate_limit.burst`` from ``batch_size``,
+    ``on_failure`` from ``dlq``). Immutable.
 
-
-@dataclass(frozen=True)
-class RateLimit:
-    """A rate limit in messages per second, enforced as GCRA and charged once per batch.
-
-    ``burst`` is how many messages may pass at once; it defaults to the batch size charged
-    (a plugin's ``batch_size``, or the largest one for the app) and must be at least that.
-    A plain number is shorthand for ``RateLimit(per_second=number)``.
-
-    >>> import fastconsume as fc
-    >>> fc.RateLimit(5000)
-    RateLimit(per_second=5000, burst=None)
+    >>> plugin = make_plugin(len, "count", {"linger": "5ms", "dlq": "events.dlq"})
+    >>> plugin.linger, plugin.given, plugin.failure_policy
+    (0.005, {'linger': '5ms', 'dlq': 'events.dlq'}, 'dead_letter')
     """
 
-    per_second: float
-    burst: int | None = None
+    __slots__ = ("_values", "given")
 
-    def __post_init__(self) -> None:
-        rate = self.per_second
-        if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not math.isfinite(rate) or rate <= 0:
-            raise ConfigError(f"rate_limit: per_second must be a positive number, got {rate!r}")
-        burst = self.burst
-        if burst is not None and (isinstance(burst, bool) or not isinstance(burst, int) or burst < 1):
-            raise ConfigError(f"rate_limit: burst must be a positive integer, got {self.burst!r}")
+    given: PluginOptions
+    _values: dict[str, Any]
 
-    def checked(self, batch_size: int, what: str) -> RateLimit:
-        """This limit, checked against the batch size it is charged; an unset burst is the
-        batch size."""
-        if self.burst is not None and self.burst < batch_size:
-            raise ConfigError(
-                f"{what}: rate_limit burst ({self.burst}) must be at least the batch size ({batch_size}), "
-                "since a batch is charged at once"
-            )
-        return self
+    def __init__(self, name: str, func: PluginFunc, *, is_async: bool, given: PluginOptions) -> None:
+        """Made by :func:`make_plugin`; ``given`` checked by ``check_values``."""
+        object.__setattr__(self, "given", given)
+        object.__setattr__(self, "_values", {"name": name, "func": func, "is_async": is_async, **engine_values(given)})
+        check_rules([self])
 
+    def __getattr__(self, attribute: str) -> Any:
+        try:
+            return self._values[attribute]
+        except KeyError:
+            raise AttributeError(f"a plugin has no {attribute!r}") from None
 
-def rate_limit_of(value: float | RateLimit | None) -> RateLimit | None:
-    """``rate_limit=`` as given: a number of messages per second, a :class:`RateLimit`, or
-    ``None``."""
-    if value is None or isinstance(value, RateLimit):
-        return value
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ConfigError(f"rate_limit: expected messages per second or a RateLimit, got {type(value).__name__}")
-    return RateLimit(value)
+    def __setattr__(self, attribute: str, value: object) -> None:
+        raise AttributeError(f"a plugin is immutable: make another with with_options({{{attribute!r}: ...}})")
 
-
-@dataclass(frozen=True)
-class Plugin:
-    """A registered plugin and its validated options (durations in seconds). Options that
-    default from others stay as given: ``rate_limit.burst`` (from ``batch_size``) and
-    ``on_failure`` (from ``dlq``), so :meth:`with_options` derives them again."""
-
-    name: str
-    func: PluginFunc
-    batch_size: int
-    linger: float
-    concurrency: int
-    max_queued: int
-    max_queued_bytes: int
-    timeout: float | None
-    rate_limit: RateLimit | None
-    retries: int
-    backoff: tuple[float, float]
-    dlq: str | None
-    on_failure: OnFailure | None
-    is_async: bool
+    def __repr__(self) -> str:
+        options = ", ".join(f"{option}={getattr(self, option)!r}" for option in OPTIONS)
+        return f"Plugin(name={self.name!r}, {options})"
 
     @property
     def failure_policy(self) -> OnFailure:
         """What happens when retries run out: ``on_failure``, or its default."""
-        return _on_failure(self.on_failure, self.dlq)
+        return failure_policy(self.on_failure, self.dlq)
 
-    def with_options(self, **overrides: Any) -> Plugin:
-        """This plugin with some options changed, validated again.
+    def with_options(self, overrides: Mapping[str, object]) -> Plugin:
+        """This plugin with some options changed, checked again.
 
-        >>> plugin = make_plugin(len, name="count")
-        >>> plugin.with_options(batch_size=50, dlq="events.dlq").failure_policy
+        >>> plugin = make_plugin(len, "count", {})
+        >>> plugin.with_options({"batch_size": 50, "dlq": "events.dlq"}).failure_policy
         'dead_letter'
         """
-        options: dict[str, Any] = {option: getattr(self, option) for option in PLUGIN_OPTIONS}
-        return make_plugin(self.func, name=self.name, **{**options, **overrides})
+        return make_plugin(self.func, self.name, {**self.given, **overrides})
 
     def setup(self) -> Callable[[], object] | None:
         """The plugin object's ``setup`` hook, if it has one (functions have none)."""
@@ -125,22 +90,6 @@ class Plugin:
         return _hook(self.func, "teardown")
 
 
-PLUGIN_OPTIONS = (
-    "batch_size",
-    "linger",
-    "concurrency",
-    "max_queued",
-    "max_queued_bytes",
-    "timeout",
-    "rate_limit",
-    "retries",
-    "backoff",
-    "dlq",
-    "on_failure",
-)
-"""The options of ``App.plugin``, ``App.add_plugin`` and a config file's ``[plugins.NAME]``."""
-
-
 def _hook(func: object, name: str) -> Callable[[], object] | None:
     if inspect.isfunction(func) or inspect.ismethod(func) or inspect.isbuiltin(func):
         return None
@@ -148,48 +97,27 @@ def _hook(func: object, name: str) -> Callable[[], object] | None:
     return hook if callable(hook) else None
 
 
-def _positive_int(value: object, what: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(f"{what} must be a positive integer, got {value!r}")
-    return value
-
-
-def make_plugin(
-    func: PluginFunc | type,
-    *,
-    name: str | None = None,
-    batch_size: int = DEFAULT_BATCH_SIZE,
-    linger: Duration = DEFAULT_LINGER,
-    concurrency: int = DEFAULT_CONCURRENCY,
-    max_queued: int = DEFAULT_MAX_QUEUED,
-    max_queued_bytes: int = DEFAULT_MAX_QUEUED_BYTES,
-    timeout: Duration | None = None,
-    rate_limit: float | RateLimit | None = None,
-    retries: int = DEFAULT_RETRIES,
-    backoff: tuple[Duration, Duration] = DEFAULT_BACKOFF,
-    dlq: str | None = None,
-    on_failure: OnFailure | None = None,
-    **unknown: object,
-) -> Plugin:
+def make_plugin(func: object, name: str | None, options: Mapping[str, object]) -> Plugin:
     """Validates a plugin at registration, so mistakes surface before ``run()``. A class is
     instantiated with no arguments: its instances are the plugin. A generator function is
     not a plugin (its body would never run), and an unknown option is a
     :class:`~fastconsume.errors.ConfigError` that suggests the closest known one.
 
-    >>> make_plugin(len, name="count", linger="5ms").linger
+    >>> make_plugin(len, "count", {"linger": "5ms"}).linger
     0.005
-    >>> make_plugin(len, retires=3)
+    >>> make_plugin(len, None, {"retires": 3})
     Traceback (most recent call last):
     ...
     fastconsume.errors.ConfigError: retires: unknown plugin option; did you mean 'retries'?
     """
-    check_options(unknown)
+    given = check_values(options)  # before a class is instantiated
     if isinstance(func, type):
+        cls = func
         try:
-            func = func()
+            func = cls()
         except TypeError as error:
             raise PluginSignatureError(
-                f"plugin class {func.__name__!r} must take no constructor arguments: {error}"
+                f"plugin class {cls.__name__!r} must take no constructor arguments: {error}"
             ) from None
     if not callable(func):
         raise PluginSignatureError(f"a plugin must be callable, got {type(func).__name__}: {func!r}")
@@ -202,58 +130,10 @@ def make_plugin(
     except ValueError:
         pass  # no introspectable signature (some builtins): trust the caller
     _reject_generators(func)
-    _positive_int(batch_size, "batch_size")
-    _positive_int(concurrency, "concurrency")
-    _positive_int(max_queued, "max_queued")
-    _positive_int(max_queued_bytes, "max_queued_bytes")
-    if max_queued < batch_size:
-        raise ConfigError(f"max_queued ({max_queued}) must be at least batch_size ({batch_size})")
     plugin_name = name if name is not None else _name_of(func)
     if not isinstance(plugin_name, str) or not plugin_name:
         raise ConfigError(f"a plugin name must be a non-empty string, got {plugin_name!r}")
-    if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
-        raise ConfigError(f"retries must be a non-negative integer, got {retries!r}")
-    if dlq is not None and (not isinstance(dlq, str) or not dlq.strip()):
-        raise ConfigError(f"dlq must be a topic name, got {dlq!r}")
-    _on_failure(on_failure, dlq)
-    call_timeout = None if timeout is None else seconds(timeout, "timeout")
-    if call_timeout == 0:
-        raise ConfigError("timeout must be positive; pass None for no deadline")
-    limit = rate_limit_of(rate_limit)
-    return Plugin(
-        name=plugin_name,
-        func=func,
-        batch_size=batch_size,
-        linger=seconds(linger, "linger"),
-        concurrency=concurrency,
-        max_queued=max_queued,
-        max_queued_bytes=max_queued_bytes,
-        timeout=call_timeout,
-        rate_limit=limit if limit is None else limit.checked(batch_size, f"plugin {plugin_name!r}"),
-        retries=retries,
-        backoff=_backoff(backoff),
-        dlq=dlq,
-        on_failure=on_failure,
-        is_async=_is_async(func),
-    )
-
-
-def check_options(options: Iterable[str]) -> None:
-    """Raises :class:`ConfigError` for the first name that is not a plugin option, with the
-    closest known one, as the config file's loader does.
-
-    >>> check_options(["batch_size", "name"])
-    >>> check_options(["batchsize"])
-    Traceback (most recent call last):
-    ...
-    fastconsume.errors.ConfigError: batchsize: unknown plugin option; did you mean 'batch_size'?
-    """
-    known = ("name", *PLUGIN_OPTIONS)
-    for option in options:
-        if option not in known:
-            close = difflib.get_close_matches(option, known, n=1)
-            hint = f"did you mean {close[0]!r}?" if close else f"expected one of: {', '.join(known)}"
-            raise ConfigError(f"{option}: unknown plugin option; {hint}")
+    return Plugin(plugin_name, func, is_async=_is_async(func), given=given)
 
 
 def _reject_generators(func: Callable[..., object]) -> None:
@@ -271,25 +151,6 @@ def _reject_generators(func: Callable[..., object]) -> None:
             f"plugin {name!r} is a generator function (it uses `yield`): its body would never run; "
             "process the batch in the call and drop the `yield`"
         )
-
-
-def _on_failure(on_failure: OnFailure | None, dlq: str | None) -> OnFailure:
-    if on_failure is None:
-        return "dead_letter" if dlq is not None else "stop"
-    if on_failure not in _ON_FAILURE:
-        raise ConfigError(f"on_failure must be one of {', '.join(map(repr, _ON_FAILURE))}, got {on_failure!r}")
-    if on_failure == "dead_letter" and dlq is None:
-        raise ConfigError('on_failure="dead_letter" needs a dead-letter topic: pass dlq="topic"')
-    return on_failure
-
-
-def _backoff(backoff: tuple[Duration, Duration]) -> tuple[float, float]:
-    if not isinstance(backoff, (tuple, list)) or len(backoff) != 2:
-        raise ConfigError(f"backoff must be a (first, max) pair of durations, got {backoff!r}")
-    first, largest = seconds(backoff[0], "backoff"), seconds(backoff[1], "backoff")
-    if first > largest:
-        raise ConfigError(f"backoff: the first wait ({backoff[0]!r}) exceeds the maximum ({backoff[1]!r})")
-    return first, largest
 
 
 def _is_async(func: Callable[..., object]) -> bool:

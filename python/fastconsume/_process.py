@@ -7,8 +7,10 @@ import resource
 import time
 from pathlib import Path
 
+from ._stats import ProcessStats
 
-def process_stats() -> dict[str, float | int]:
+
+def process_stats() -> ProcessStats:
     """``threads``, ``cpu_seconds`` (user + system, every thread) and ``rss_bytes``.
 
     >>> sorted(process_stats())

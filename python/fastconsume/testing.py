@@ -38,13 +38,18 @@ import threading
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterable, Mapping
-from dataclasses import dataclass, field
-from typing import Any, Protocol, TypeAlias, cast
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol, TypeAlias, cast
 
 from ._app import App
 from ._core import Batch, Message, MockCluster, produce
+from ._options import PluginOptions
 from ._plugins import Plugin, make_plugin
-from .errors import ConfigError, PluginError
+from ._stats import PluginStats
+from .errors import ConfigError, PartialFailure, PluginError
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 __all__ = [
     "Benchmark",
@@ -67,9 +72,6 @@ IDLE_TIMEOUT = 10.0
 """Seconds without anything to do after which a run gives up waiting for messages. Runs
 normally end sooner: as soon as the plugin has seen every message and has nothing left to do."""
 
-_POLL = 0.01
-"""Seconds between looks at a run's progress."""
-
 
 @dataclass(frozen=True)
 class PluginRun:
@@ -84,7 +86,7 @@ class PluginRun:
     """Plugin calls made, retries included."""
     messages: list[Message]
     """Every message the plugin was given, in call order; a retried message appears again."""
-    stats: dict[str, Any]
+    stats: PluginStats
     """The plugin's entry of ``App.stats()["plugins"]`` after the run."""
 
     @property
@@ -317,33 +319,76 @@ def _clocks() -> tuple[float, float]:
 # ------------------------------------------------------------------------------ run_plugin
 
 
-@dataclass
 class _Recording:
-    """Every call of a :func:`run_plugin` run, in the order they started."""
+    """Every call of a :func:`run_plugin` run, in the order they started, and the run's end.
 
-    batches: list[list[Message]] = field(default_factory=list)
-    outcomes: list[tuple[object, BaseException | None] | None] = field(default_factory=list)
-    seen: set[tuple[int, int]] = field(default_factory=set)
-    lock: threading.Lock = field(default_factory=threading.Lock)
+    The end is known from the calls themselves, as each one returns: once the plugin has seen
+    every message, no call is running and no failed call awaits a retry, the engine has no call
+    left to make, and the run is stopped there. The stop is graceful: it waits for the calls
+    that just returned to be completed (their dead letters written), then commits.
+
+    Whether a failed call is retried is the plugin's documented policy, applied as the engine
+    applies it: ``on_failure="retry"``, or ``batch.attempt`` not past ``retries``; a
+    ``PartialFailure`` naming no message is a success, and a returned awaitable (or, from a
+    sync plugin, a generator) is a failure, since its work did not happen. Should the engine
+    retry none the less (a call on a partition revoked meanwhile is not retried), the run ends
+    by its idle timeout instead."""
+
+    def __init__(self, plugin: Plugin, messages: int, stop: Callable[[], None]) -> None:
+        self.batches: list[list[Message]] = []
+        self.outcomes: list[tuple[object, BaseException | None] | None] = []
+        self._seen: set[tuple[int, int]] = set()
+        self._messages = messages
+        self._retries = plugin.retries
+        self._retry_forever = plugin.failure_policy == "retry"
+        self._sync = not plugin.is_async
+        self._stop = stop
+        self._lock = threading.Lock()
+        self._running = 0
+        self._retry_due: set[int] = set()  # partitions whose last call failed and comes again
+        self._stopped = False
 
     def started(self, batch: Batch) -> int:
         messages = list(batch)
-        with self.lock:
+        with self._lock:
             self.batches.append(messages)
             self.outcomes.append(None)
-            self.seen.update((m.partition, m.offset) for m in messages)
+            self._seen.update((m.partition, m.offset) for m in messages)
+            self._running += 1
+            # A partition's next call after a failure is its retry: later messages wait for it.
+            self._retry_due.discard(batch.partition)
             return len(self.batches) - 1
 
     def ended(self, call: int, batch: Batch, result: object, error: BaseException | None) -> None:
-        with self.lock:
+        with self._lock:
             self.outcomes[call] = (result, error)
+            self._running -= 1
+            if self._retried(batch, result, error):
+                self._retry_due.add(batch.partition)
+            done = not self._running and not self._retry_due and len(self._seen) >= self._messages
+            stop = done and not self._stopped
+            self._stopped = self._stopped or done
+        if stop:
+            self._stop()
 
-    def saw_all(self, counts: list[int]) -> bool:
-        with self.lock:
-            return len(self.seen) >= sum(counts)
+    def _retried(self, batch: Batch, result: object, error: BaseException | None) -> bool:
+        if error is None:
+            failed = inspect.isawaitable(result) or (
+                self._sync and (inspect.isgenerator(result) or inspect.isasyncgen(result))
+            )
+        else:
+            failed = not (isinstance(error, PartialFailure) and not error.indexes)
+        return failed and (self._retry_forever or batch.attempt <= self._retries)
 
 
-def run_plugin(plugin: object, messages: Iterable[MessageSpec], *, partitions: int = 1, **options: Any) -> PluginRun:
+def run_plugin(
+    plugin: object,
+    messages: Iterable[MessageSpec],
+    *,
+    partitions: int = 1,
+    name: str | None = None,
+    **options: Unpack[PluginOptions],
+) -> PluginRun:
     """Runs ``plugin`` through the real engine on ``messages`` and returns what it did.
 
     The messages are written to a new topic of ``partitions`` partitions on a mock cluster
@@ -371,10 +416,10 @@ def run_plugin(plugin: object, messages: Iterable[MessageSpec], *, partitions: i
         messages: Values (``bytes``, or ``str`` written as UTF-8), ``(key, value)`` pairs,
             or mappings with ``value`` and optionally ``key`` and ``partition``.
         partitions: Partitions of the topic.
-        options: Options of ``App.add_plugin``: ``batch_size``, ``linger``, ``timeout``,
-            ``retries``, ``backoff``, ``dlq``, ``on_failure``, ``name``, ...
+        name: The plugin's name, as ``App.add_plugin`` takes it.
+        options: Options of ``App.add_plugin`` (:class:`~fastconsume.PluginOptions`).
     """
-    record = make_plugin(plugin, **options)  # type: ignore[arg-type]  # validated before anything starts
+    record = make_plugin(plugin, name, options)  # checked before anything starts
     records = _records(messages, partitions)
     cluster = _shared_cluster()
     topic = _new_name("run-plugin")
@@ -383,29 +428,18 @@ def run_plugin(plugin: object, messages: Iterable[MessageSpec], *, partitions: i
     if record.dlq is not None:
         _ensure_topic(cluster, record.dlq)
 
-    recording = _Recording()
-    tap = _tapped(record, recording)
     app = App(cluster.bootstrap, _new_name("run-plugin"), topic, read_config=False)
-    app.add_plugin(tap, **{**options, "name": record.name})
-    finished = threading.Event()
-    watcher = threading.Thread(
-        target=_stop_when_done,
-        args=(app,),
-        kwargs={"name": record.name, "topic": topic, "counts": counts, "recording": recording, "finished": finished},
-        name="fastconsume-run-plugin",
-        daemon=True,
-    )
-    watcher.start()
+    recording = _Recording(record, sum(counts), app.stop)
+    tap = _tapped(record, recording)
+    app.add_plugin(tap, name=record.name, **options)
     try:
-        app.run(idle_timeout=IDLE_TIMEOUT)
+        # Without messages there is nothing to wait for once the partitions are assigned.
+        app.run(idle_timeout=IDLE_TIMEOUT if records else 0.0)
     except PluginError:
         # A call's failure ended the run (on_failure="stop"): its cause is recorded. A
         # failing setup or teardown is the test's problem, so it goes on up.
         if tap.hook_failed or not any(o is not None and o[1] is not None for o in recording.outcomes):
             raise
-    finally:
-        finished.set()
-        watcher.join()
 
     results: list[object] = []
     errors: list[BaseException] = []
@@ -422,35 +456,7 @@ def run_plugin(plugin: object, messages: Iterable[MessageSpec], *, partitions: i
         errors=errors,
         calls=len(recording.batches),
         messages=[m for batch in recording.batches for m in batch],
-        stats=dict(app.stats()["plugins"].get(record.name, {})),
-    )
-
-
-def _stop_when_done(
-    app: App, *, name: str, topic: str, counts: list[int], recording: _Recording, finished: threading.Event
-) -> None:
-    """Stops the run once the plugin has seen every message, its partitions are assigned and
-    its lane is empty (nothing queued, running, waiting to be retried or dead-lettered),
-    twice in a row: what drain mode waits for, without waiting out the idle timeout."""
-    settled = 0
-    while not finished.wait(_POLL):
-        if recording.saw_all(counts) and _lane_empty(app.stats(), name, topic, len(counts)):
-            settled += 1
-            if settled >= 2:
-                app.stop()
-                return
-        else:
-            settled = 0
-
-
-def _lane_empty(stats: Mapping[str, Any], name: str, topic: str, partitions: int) -> bool:
-    plugin = stats.get("plugins", {}).get(name)
-    assigned = {p["partition"] for p in stats.get("partitions", {}).values() if p.get("topic") == topic}
-    return (
-        plugin is not None
-        and plugin.get("queued") == 0
-        and plugin.get("in_flight") == 0
-        and assigned >= set(range(partitions))
+        stats=app.stats()["plugins"][record.name],
     )
 
 
@@ -465,7 +471,7 @@ class _BenchRound:
     :meth:`drain` opens the gate and returns once the plugin has returned for every message.
     """
 
-    def __init__(self, bootstrap: str, topic: str, plugin: Plugin, options: Mapping[str, Any], total: int) -> None:
+    def __init__(self, bootstrap: str, topic: str, plugin: Plugin, options: PluginOptions, total: int) -> None:
         self.total = total
         self.start: tuple[float, float] | None = None
         self.end: tuple[float, float] | None = None
@@ -476,7 +482,7 @@ class _BenchRound:
         self._done = threading.Event()
         self._error: BaseException | None = None
         self._app = App(bootstrap, _new_name("bench-plugin"), topic, read_config=False)
-        self._app.add_plugin(_tapped(plugin, self), **{**options, "name": plugin.name})
+        self._app.add_plugin(_tapped(plugin, self), name=plugin.name, **options)
         self._thread = threading.Thread(target=self._run, name="fastconsume-bench-plugin", daemon=True)
         self._finished = False
 
@@ -545,7 +551,8 @@ def bench_plugin(
     *,
     partitions: int = 1,
     rounds: int = 5,
-    **options: Any,
+    name: str | None = None,
+    **options: Unpack[PluginOptions],
 ) -> dict[str, float]:
     """Benchmarks ``plugin`` draining ``messages`` through the engine, under pytest-benchmark.
 
@@ -573,7 +580,7 @@ def bench_plugin(
     """
     if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
         raise ConfigError(f"rounds must be a positive integer, got {rounds!r}")
-    record = make_plugin(plugin, **options)  # type: ignore[arg-type]
+    record = make_plugin(plugin, name, options)
     records = _records(messages, partitions)
     if not records:
         raise ConfigError("bench_plugin needs at least one message")
