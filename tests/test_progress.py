@@ -200,7 +200,8 @@ def test_a_drain_ends_with_a_summary(mock_cluster: MockKafka, caplog: pytest.Log
     app = fc.App(mock_cluster.bootstrap, new_group(), topic, read_config=False)
     app.plugin(len)
     with caplog.at_level(logging.INFO, logger="fastconsume"):
-        app.run(idle_timeout=0.5)
+        # Not shorter: on a loaded machine one partition's first fetch may lag the other's.
+        app.run(idle_timeout=2.0)
     messages = [r.getMessage() for r in caplog.records if r.name == "fastconsume"]
     assert messages[0].startswith(f"starting: group '{app.describe()['group']}', topics {topic}, plugins len"), messages
     assert re.fullmatch(

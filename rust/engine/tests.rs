@@ -89,7 +89,9 @@ fn drain(lanes: Vec<LaneOptions>) -> RunOptions {
         workers: lanes.iter().map(|l| l.concurrency).sum(),
         lanes,
         linger: Duration::from_millis(5),
-        idle_timeout: Some(Duration::from_millis(500)),
+        // Long enough that a partition whose first fetch lags on a loaded machine is not taken
+        // for drained.
+        idle_timeout: Some(Duration::from_millis(1500)),
         shutdown_timeout: Duration::from_secs(10),
         revoke_timeout: Duration::from_secs(10),
         rate_limit: None,
