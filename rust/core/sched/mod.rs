@@ -459,3 +459,6 @@ impl<E: CallFailure> Scheduler<E> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests;
