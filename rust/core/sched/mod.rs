@@ -456,3 +456,6 @@ impl<E: CallFailure> Scheduler<E> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests;
