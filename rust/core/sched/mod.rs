@@ -458,4 +458,6 @@ impl<E: CallFailure> Scheduler<E> {
 }
 
 #[cfg(test)]
+mod model;
+#[cfg(test)]
 mod tests;
