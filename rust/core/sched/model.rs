@@ -244,6 +244,7 @@ struct Model {
     epochs: HashMap<Epoch, usize>,
     /// The next offset the source fetches, per partition.
     position: [i64; PARTITIONS],
+    /// The group's committed offset, per partition: where its next assignment starts.
     group_committed: [Option<i64>; PARTITIONS],
     held: VecDeque<(Arc<Batch>, usize)>,
     /// The source holds batches a lane refused and sleeps: making room must wake it.
@@ -401,6 +402,13 @@ impl Model {
         if let Some(retry) = queue.retry {
             self.fates(retry.assignment, &retry.offsets, lane, Fate::Dropped(why));
         }
+    }
+
+    /// The group's offset after a commit of `offset`. Kafka applies commits in the order they
+    /// were sent, and a partition's commits only grow: a late acknowledgement of an earlier
+    /// asynchronous commit does not take it back.
+    fn group_commits(&mut self, partition: usize, offset: i64) {
+        self.group_committed[partition] = self.group_committed[partition].max(Some(offset));
     }
 
     fn begin_stop(&mut self) {
@@ -758,7 +766,7 @@ impl Model {
         // Committed synchronously while the partitions are still ours.
         self.sched.committed(&offsets);
         for (partition, offset) in &offsets {
-            self.group_committed[partition.partition as usize] = Some(*offset);
+            self.group_commits(partition.partition as usize, *offset);
         }
         for &p in &revoked {
             self.current[p] = None;
@@ -791,7 +799,7 @@ impl Model {
         let offsets: Vec<_> = still_ours.iter().map(|&(p, _, offset)| (partition(p as i32), offset)).collect();
         self.sched.committed(&offsets);
         for (p, _, offset) in still_ours {
-            self.group_committed[p] = Some(offset);
+            self.group_commits(p, offset);
         }
     }
 
