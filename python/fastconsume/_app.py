@@ -338,7 +338,11 @@ class App:
         """Consumes until :meth:`stop`, SIGINT or SIGTERM, then commits and leaves the group.
 
         With ``idle_timeout``, returns once nothing new has arrived for that long (counted
-        from partition assignment, so a slow group join is not idle) and all is committed.
+        from partition assignment, so a slow group join is not idle), every assigned
+        partition has been fetched from at least once (a message, or its end), and all is
+        committed. A partition that cannot be fetched at all (its leader is down) keeps the
+        run going, with a ``drain: waiting for a first fetch from ...`` line; stop it as
+        any run.
 
         A second SIGINT or SIGTERM raises ``KeyboardInterrupt`` at once; only completed
         work is committed. A plugin that raises stops the run with

@@ -122,6 +122,21 @@ fn every_lane_sees_every_partition_in_order_then_a_rerun_finds_nothing() {
 }
 
 #[test]
+fn drain_mode_waits_for_every_partitions_first_fetch_however_slow() {
+    let (cluster, config) = seeded(&[30; 4]);
+    let engine = Engine::default();
+    let seen = Seen::default();
+    // Each fetch takes longer than the idle timeout, counted from the assignment.
+    cluster.delay_requests(Duration::from_millis(700)).expect("round-trip time");
+    let options = RunOptions { idle_timeout: Some(Duration::from_millis(200)), ..drain(vec![lane("a", 100, 1)]) };
+    engine.run(&config, &options, recorder(seen.clone(), None, Duration::ZERO)).expect("run");
+    let seen = seen.lock().expect("seen").clone();
+    for p in 0..4 {
+        assert_all_in_order(seen.get(&(0, p)).map_or(&[][..], Vec::as_slice), 30, &format!("partition {p}"));
+    }
+}
+
+#[test]
 fn a_full_lane_holds_back_fetching_and_never_exceeds_its_bound() {
     let (_cluster, config) = seeded(&[500; 2]);
     let engine = Engine::default();

@@ -32,6 +32,9 @@ pub struct SourceContext {
     /// Partitions revoked since the poll loop last looked, so it drops their partial batches.
     pub(super) revoked: Mutex<Vec<Partition>>,
     pub(super) assigned_at: Mutex<Option<Instant>>,
+    /// Drain mode only (else `None`): assigned partitions not yet fetched from, neither a
+    /// message nor the end of the partition. The run is not drained while any is left.
+    pub(super) unfetched: Option<Mutex<Vec<Partition>>>,
     pub(super) errors: ErrorWatch,
     /// Where assigned partitions' messages go; owned by the poll loop, which clears this
     /// when it ends so the queue is gone before the consumer is.
@@ -43,12 +46,13 @@ pub(super) fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl SourceContext {
-    pub(super) fn new(intake: Arc<dyn Intake>, revoke_timeout: Duration) -> Self {
+    pub(super) fn new(intake: Arc<dyn Intake>, revoke_timeout: Duration, drain: bool) -> Self {
         SourceContext {
             intake,
             revoke_timeout,
             revoked: Mutex::default(),
             assigned_at: Mutex::default(),
+            unfetched: drain.then(Mutex::default),
             errors: ErrorWatch::default(),
             fetch: Mutex::default(),
         }
@@ -93,6 +97,9 @@ impl ConsumerContext for SourceContext {
             let offsets = self.intake.revoke(&revoked, self.revoke_timeout);
             commit_sync(consumer, &*self.intake, &offsets, "commit on revoke");
             log::info!("revoked {} partition(s)", revoked.len());
+            if let Some(unfetched) = &self.unfetched {
+                lock(unfetched).retain(|p| !revoked.contains(p));
+            }
             lock(&self.revoked).extend(revoked);
         }
     }
@@ -102,6 +109,11 @@ impl ConsumerContext for SourceContext {
             Rebalance::Assign(tpl) => {
                 let assigned = partitions(tpl);
                 log::info!("assigned {} partition(s)", assigned.len());
+                if let Some(unfetched) = &self.unfetched {
+                    let mut unfetched = lock(unfetched);
+                    unfetched.retain(|p| !assigned.contains(p));
+                    unfetched.extend(assigned.iter().cloned());
+                }
                 self.intake.assign(assigned);
                 *lock(&self.assigned_at) = Some(Instant::now());
             }

@@ -114,6 +114,11 @@ impl RawMessage {
         Some(text.to_string_lossy().into_owned())
     }
 
+    /// Whether this is not a message but the report that the partition's end was reached.
+    pub fn is_partition_end(&self) -> bool {
+        self.raw().err == rd::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR__PARTITION_EOF
+    }
+
     pub fn partition(&self) -> i32 {
         self.raw().partition
     }

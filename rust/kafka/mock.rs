@@ -65,6 +65,15 @@ impl MockKafka {
     }
 }
 
+impl MockKafka {
+    /// Delays every request to the (single) broker of `seeded` by `delay`, as a far or
+    /// loaded broker would.
+    #[cfg(test)]
+    pub fn delay_requests(&self, delay: std::time::Duration) -> Result<()> {
+        self.cluster()?.broker_round_trip_time(1, delay).map_err(|e| to_error("mock round-trip time", e))
+    }
+}
+
 /// A mock cluster with a topic `t` holding `per_partition[p]` messages in partition `p`, and
 /// a consumer config for it (group `g`). For the core's tests.
 ///

@@ -119,6 +119,9 @@ pub(super) struct PollLoop {
     rate_timer: Option<Instant>,
     /// When the idle deadline's wheel entry falls due, if one is pending.
     idle_timer: Option<Instant>,
+    /// Whether drain mode has said which partitions it still waits for since the last
+    /// assignment.
+    told_unfetched: bool,
 }
 
 impl PollLoop {
@@ -147,6 +150,7 @@ impl PollLoop {
             uncharged: 0,
             rate_timer: None,
             idle_timer: None,
+            told_unfetched: false,
         }
     }
 
@@ -166,7 +170,8 @@ impl PollLoop {
             self.forget_revoked();
             self.offer_held();
             let now = Instant::now();
-            self.intake.source_idle(self.idle(now));
+            let idle = self.idle(now);
+            self.intake.source_idle(idle);
             self.serve_events()?;
             // Serving events may have run a rebalance callback that waited: look again.
             let now = Instant::now();
@@ -184,6 +189,7 @@ impl PollLoop {
             } else {
                 self.held_back.take(wait, 1, &mut raw); // never holds a message: a sleep
             }
+            self.note_fetched(&raw[before..]);
             if raw[before..].iter().any(|m| m.error().is_none()) {
                 self.last_message_at = Instant::now();
                 self.intake.source_idle(false); // before the engine can see empty lanes
@@ -213,7 +219,12 @@ impl PollLoop {
         while let Some(result) = consumer.poll(Duration::ZERO) {
             let message = match result {
                 Ok(message) => message,
-                Err(KafkaError::PartitionEOF(_)) => continue,
+                Err(KafkaError::PartitionEOF(partition)) => {
+                    // Only the partition's number comes with it: any topic's will do, as
+                    // ending a drain early was all this could cost.
+                    self.unfetched(|p| p.retain(|p| p.partition != partition));
+                    continue;
+                }
                 Err(e @ KafkaError::MessageConsumptionFatal(_)) => return Err(to_error("consume", e)),
                 Err(e) => {
                     log::warn!("consume: {e}");
@@ -221,6 +232,7 @@ impl PollLoop {
                 }
             };
             let index = self.filling_for(message.topic_ptr() as usize, message.partition(), || message.topic());
+            self.unfetched(|p| p.retain(|p| p.partition != message.partition() || *p.topic != *message.topic()));
             self.last_message_at = Instant::now();
             self.push(index, &message);
         }
@@ -228,6 +240,9 @@ impl PollLoop {
     }
 
     fn take_raw(&mut self, message: &RawMessage) {
+        if message.is_partition_end() {
+            return;
+        }
         if let Some(error) = message.error() {
             log::warn!("consume: {}[{}]: {error}", message.topic(), message.partition());
             return;
@@ -389,10 +404,47 @@ impl PollLoop {
         Some(self.last_message_at.max(assigned_at) + idle)
     }
 
-    fn idle(&self, now: Instant) -> bool {
-        self.idle_deadline().is_some_and(|at| now >= at)
-            && self.held.is_empty()
-            && self.raw.is_empty()
-            && self.filling.iter().all(|f| f.builder.is_empty())
+    fn idle(&mut self, now: Instant) -> bool {
+        if self.idle_deadline().is_none_or(|at| now < at)
+            || !self.held.is_empty()
+            || !self.raw.is_empty()
+            || self.filling.iter().any(|f| !f.builder.is_empty())
+        {
+            return false;
+        }
+        let waiting = self
+            .unfetched(|list| list.iter().map(|p| format!("{}[{}]", p.topic, p.partition)).collect::<Vec<_>>())
+            .unwrap_or_default();
+        if waiting.is_empty() {
+            self.told_unfetched = false;
+            return true;
+        }
+        if !std::mem::replace(&mut self.told_unfetched, true) {
+            log::info!("drain: waiting for a first fetch from {}", waiting.join(", "));
+        }
+        false
+    }
+
+    /// Runs `f` on drain mode's list of assigned partitions not yet fetched from; `None`
+    /// outside drain mode.
+    fn unfetched<T>(&self, f: impl FnOnce(&mut Vec<Partition>) -> T) -> Option<T> {
+        self.consumer.context().unfetched.as_ref().map(|list| f(&mut lock(list)))
+    }
+
+    /// Drain mode: the partitions of a take (a message or the partition's end) are fetched from.
+    fn note_fetched(&self, taken: &[RawMessage]) {
+        self.unfetched(|list| {
+            let mut last = None;
+            for message in taken {
+                if list.is_empty() {
+                    return;
+                }
+                // Takes run in partition order: one look per run of a partition.
+                let this = (message.topic_handle(), message.partition());
+                if last.replace(this) != Some(this) {
+                    list.retain(|p| p.partition != this.1 || *p.topic != *message.topic());
+                }
+            }
+        });
     }
 }

@@ -25,9 +25,16 @@ impl Source {
     /// Connects (bounded by `connect_timeout`), subscribes and starts the poll thread.
     pub fn start(config: &SourceConfig, shape: Shape, intake: Arc<dyn Intake>) -> Result<Source> {
         config.validate()?;
-        let context = SourceContext::new(intake.clone(), shape.revoke_timeout);
+        let drain = shape.idle_timeout.is_some();
+        let context = SourceContext::new(intake.clone(), shape.revoke_timeout, drain);
+        let mut client_config = config.client_config();
+        if drain {
+            // The end of each partition is reported, so a partition whose first fetch is
+            // slow is not taken for drained.
+            client_config.set("enable.partition.eof", "true");
+        }
         let mut consumer: KafkaConsumer =
-            config.client_config().create_with_context(context).map_err(|e| to_error("create consumer", e))?;
+            client_config.create_with_context(context).map_err(|e| to_error("create consumer", e))?;
         let limiter = shape.rate_limit.map(Limiter::new).transpose()?;
         // A stop while connecting (or waiting for topics) still starts the loop, which then
         // ends at once: the run returns as stopped, having consumed nothing.
