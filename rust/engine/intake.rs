@@ -48,7 +48,7 @@ impl<E: CallFailure + 'static> Intake for Shared<E> {
     }
 
     fn submit(&self, batch: Arc<Batch>) -> Result<(), Arc<Batch>> {
-        self.apply(|sched| sched.submit(batch))
+        self.apply(|sched| sched.submit(batch, Instant::now()))
     }
 
     fn source_idle(&self, idle: bool) {

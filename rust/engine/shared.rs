@@ -4,10 +4,13 @@
 //! dead letters, drop a failure) runs after the lock is released, so nothing that may block,
 //! take the interpreter or call librdkafka ever runs under it.
 //!
-//! Workers sleep on `work` until a job is ready; the engine's thread, a revoke and a drain
-//! sleep on `progress` until calls finish, driving the wheel while they wait.
+//! Workers sleep on `work` until a job is ready; a worker awake runs every ready job before
+//! it sleeps, so a sleeping one is woken only when none is awake, or when work has waited
+//! `HELP_AFTER` behind running calls (see `core::sched::dispatch`). The engine's thread, a
+//! revoke and a drain sleep on `progress`, which a call's completion signals only when one
+//! of them waits for it (a revoke or a drain), or the run ends: not once per call.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError, Weak};
 use std::time::{Duration, Instant};
 
@@ -26,6 +29,11 @@ pub struct Shared<E> {
     stop: AtomicBool,
     /// Set under the lock: workers exit once they see it.
     closed: AtomicBool,
+    /// Workers not asleep on `work` (running a call, or looking for one). Changed under the
+    /// lock, so an event that made work ready reads, after it, whether someone will take it.
+    awake: AtomicUsize,
+    /// Threads in `wait_progress` (a revoke, a drain): completions must wake them.
+    progress_waiters: AtomicUsize,
     wake_source: Mutex<Option<Wake>>,
     /// Taken at `close`, so the producer's threads end with the run, not with the app.
     pub(super) dead_letters: Mutex<Option<Arc<DeadLetters>>>,
@@ -53,6 +61,8 @@ impl<E: CallFailure + 'static> Shared<E> {
             progress: Condvar::new(),
             stop: AtomicBool::new(false),
             closed: AtomicBool::new(false),
+            awake: AtomicUsize::new(0),
+            progress_waiters: AtomicUsize::new(0),
             wake_source: Mutex::new(None),
             dead_letters: Mutex::new(dead_letters),
             consumer: Mutex::new(Weak::new()),
@@ -97,7 +107,8 @@ impl<E: CallFailure + 'static> Shared<E> {
                 Effect::DeadLetterWaiting(wait) => self.dead_letters_wait(&wait),
             }
         }
-        for _ in 0..wakes.workers {
+        let sleepers = wakes.helpers + usize::from(wakes.workers > 0 && self.awake.load(Ordering::Acquire) == 0);
+        for _ in 0..sleepers {
             self.work.notify_one();
         }
         if wakes.stopped {
@@ -153,6 +164,11 @@ impl<E: CallFailure + 'static> Shared<E> {
 
     // --- the workers' side -------------------------------------------------------------
 
+    /// A worker thread starts: it is awake until it first finds nothing to do.
+    pub(super) fn worker_started(&self) {
+        self.awake.fetch_add(1, Ordering::AcqRel);
+    }
+
     /// Blocks until a job is ready, and starts it; `None` once the run is closed.
     pub(super) fn next_job(&self) -> Option<Job> {
         let mut sched = self.lock();
@@ -171,14 +187,55 @@ impl<E: CallFailure + 'static> Shared<E> {
                 sched = self.lock();
                 continue;
             }
+            self.awake.fetch_sub(1, Ordering::AcqRel);
             sched = self.work.wait(sched).unwrap_or_else(PoisonError::into_inner);
+            self.awake.fetch_add(1, Ordering::AcqRel);
         }
+    }
+
+    /// The next ready job, started, without sleeping for one.
+    pub(super) fn try_next_job(&self) -> Option<Job> {
+        if self.closed.load(Ordering::Acquire) {
+            return None;
+        }
+        self.apply(|sched| sched.next_job(Instant::now()))
+    }
+
+    /// A call returned: reports it and, in the same trip under the lock, starts the next
+    /// ready job if there is one (`None`: nothing ready now; `next_job` sleeps for one).
+    pub(super) fn complete_and_take(
+        &self,
+        task: Task,
+        outcome: std::result::Result<(), E>,
+        took: Duration,
+    ) -> Option<Job> {
+        let now = Instant::now();
+        let (job, notify) = self.apply(|sched| {
+            sched.complete(task, outcome, took, now);
+            let job = if self.closed.load(Ordering::Acquire) { None } else { sched.next_job(now) };
+            (job, self.progress_matters(sched))
+        });
+        if notify {
+            self.notify_progress();
+        }
+        job
     }
 
     /// A call returned (see `Scheduler::complete`).
     pub fn complete(&self, task: Task, outcome: std::result::Result<(), E>, took: Duration) {
-        self.apply(|sched| sched.complete(task, outcome, took, Instant::now()));
-        self.notify_progress();
+        let notify = self.apply(|sched| {
+            sched.complete(task, outcome, took, Instant::now());
+            self.progress_matters(sched)
+        });
+        if notify {
+            self.notify_progress();
+        }
+    }
+
+    /// Whether a completion must signal `progress`: a revoke or a drain waits on it, or the
+    /// run ends now (the engine's thread waits for that).
+    fn progress_matters(&self, sched: &Scheduler<E>) -> bool {
+        self.progress_waiters.load(Ordering::Acquire) > 0 || sched.would_end()
     }
 
     // --- the engine's side -------------------------------------------------------------
@@ -199,7 +256,14 @@ impl<E: CallFailure + 'static> Shared<E> {
             return self.lock();
         }
         let wake = sched.poll_timeout().map_or(until, |next| next.min(until));
-        self.progress.wait_timeout(sched, wake.saturating_duration_since(now)).unwrap_or_else(PoisonError::into_inner).0
+        self.progress_waiters.fetch_add(1, Ordering::AcqRel);
+        let sched = self
+            .progress
+            .wait_timeout(sched, wake.saturating_duration_since(now))
+            .unwrap_or_else(PoisonError::into_inner)
+            .0;
+        self.progress_waiters.fetch_sub(1, Ordering::AcqRel);
+        sched
     }
 
     /// Sleeps until the run should end, and says why.

@@ -52,6 +52,19 @@ impl<E: CallFailure + 'static> Worker<E> {
         self.shared.complete(task, outcome, took);
     }
 
+    /// Reports a call and, in the same trip, takes the next one if it is ready now, without
+    /// sleeping: `None` means call `next` (which may sleep). Cancels due run here first.
+    pub fn complete_and_next(&self, task: Task, outcome: Result<(), E>, took: Duration) -> Option<Task> {
+        let mut job = self.shared.complete_and_take(task, outcome, took);
+        loop {
+            match job? {
+                Job::Call(task) => return Some(task),
+                Job::Cancel(cancel) => cancel(),
+            }
+            job = self.shared.try_next_job();
+        }
+    }
+
     pub fn completer(&self) -> Completer<E> {
         Completer { shared: self.shared.clone() }
     }
@@ -79,6 +92,7 @@ pub(super) fn spawn<H: Host>(
         .map(|i| {
             let worker = Worker { shared: shared.clone() };
             let host = host.clone();
+            shared.worker_started();
             std::thread::Builder::new()
                 .name(format!("fastconsume-worker-{i}"))
                 .spawn(move || host.serve(&worker))

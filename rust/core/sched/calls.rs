@@ -2,7 +2,7 @@
 //! a cancel and is cancelled (by a worker); a sync call cannot be, so it is an overrun,
 //! warned about, and its result still counts.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use super::{CallFailure, Cancel, Effect, Scheduler, Task};
 use crate::core::timer::TimerKey;
@@ -45,7 +45,7 @@ impl<E: CallFailure> Scheduler<E> {
         }
     }
 
-    pub(super) fn deadline_passed(&mut self, call: u64) {
+    pub(super) fn deadline_passed(&mut self, call: u64, now: Instant) {
         let Some(record) = self.calls.get_mut(&call) else { return };
         record.deadline = None;
         record.overdue = true;
@@ -53,7 +53,7 @@ impl<E: CallFailure> Scheduler<E> {
         if let Some(cancel) = record.cancel.take() {
             lane.stats.timeouts += 1;
             self.cancels.push_back(cancel);
-            self.wakes.workers += 1;
+            self.work_ready(1, now);
         } else {
             lane.stats.overruns += 1;
             self.effects.push_back(Effect::Warn(format!(

@@ -1,7 +1,12 @@
 //! The dispatch policy: which job a worker takes next. Cancels first (a cancelled call frees
 //! its lane sooner), then the lanes' calls, lanes taking turns. Once a stop began, no call
-//! starts; cancels still run. How many workers an event wakes is `Wakes::workers`, counted
-//! where work becomes ready: the one other place the policy shows.
+//! starts; cancels still run.
+//!
+//! Waking: a worker awake takes the next job itself once its call returns, so work that
+//! becomes ready wakes a sleeping worker only if none is awake (`Wakes::workers`, counted
+//! where work becomes ready). Ready work that still waits `HELP_AFTER` later (it sits behind
+//! a slow call) wakes more (`Wakes::helpers`, from one `Timer::Help` entry at a time). At a
+//! steady rate a round of batches thus costs one wake-up, not one per call.
 
 use std::time::Instant;
 
@@ -40,7 +45,12 @@ impl<E: CallFailure> Scheduler<E> {
             match self.lanes[index].take() {
                 Take::Call(chunk) => {
                     self.next_lane = (index + 1) % count;
-                    return Some(Job::Call(self.start_call(index, chunk, now)));
+                    let task = self.start_call(index, chunk, now);
+                    // What is still ready waits behind this call: help comes if it waits long.
+                    if self.ready_jobs() > 0 {
+                        self.arm_help(now);
+                    }
+                    return Some(Job::Call(task));
                 }
                 Take::Throttled(until) => {
                     self.schedule(until, Timer::Unthrottle { lane: index });

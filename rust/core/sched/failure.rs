@@ -27,19 +27,20 @@ impl<E: CallFailure> Scheduler<E> {
     /// The lane is done with a task's chunk: the partition's offset may move.
     pub(super) fn finish(&mut self, task: &Task, now: Instant) {
         self.lanes[task.lane].finish(&task.chunk);
-        self.lane_left(task.lane);
+        self.lane_left(task.lane, now);
         self.advance(task.lane, &task.chunk, task.chunk.next_offset(), now);
     }
 
     /// Work left a lane: if the source holds batches for it and it has room again, wake the
     /// source; another call of the lane may be ready.
-    fn lane_left(&mut self, lane: usize) {
+    fn lane_left(&mut self, lane: usize, now: Instant) {
         let lane = &self.lanes[lane];
         if self.source_waits_for_room && lane.has_room_again() {
             self.source_waits_for_room = false;
             self.wakes.driver = true;
         }
-        self.wakes.workers += usize::from(lane.has_ready());
+        let ready = usize::from(lane.has_ready());
+        self.work_ready(ready, now);
     }
 
     /// The lane has finished `chunk`'s partition up to `next`: if the partition's offset
@@ -63,7 +64,7 @@ impl<E: CallFailure> Scheduler<E> {
             // Revoked while the call ran (past revoke_timeout): the partition's new owner
             // handles these messages; retrying or dead-lettering them here would duplicate.
             self.lanes[task.lane].finish(chunk);
-            self.lane_left(task.lane);
+            self.lane_left(task.lane, now);
             let what = chunk.describe();
             return self.warn(format!("a call failed on {what} after its partition was revoked; not retried"));
         }
@@ -141,7 +142,7 @@ impl<E: CallFailure> Scheduler<E> {
         lane.stats.retry_wait += backoff;
         lane.retry_later(chunk, retry, key);
         // The messages that succeeded left the lane: it may have room again.
-        self.lane_left(task.lane);
+        self.lane_left(task.lane, now);
     }
 
     /// Stop: the lane's progress on the partition freezes before the call, so nothing from

@@ -85,11 +85,19 @@ pub enum Late<E> {
     Core(Error),
 }
 
+/// How long ready work may wait behind running calls before a sleeping worker is woken
+/// for it: the bound by which a slow call can delay another plugin's call.
+pub const HELP_AFTER: Duration = Duration::from_millis(2);
+
 /// Whom to wake after an event, once the scheduler's lock is released.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Wakes {
-    /// Jobs (calls or cancels) that became ready: at most this many idle workers have work.
+    /// Jobs (calls or cancels) that became ready. A worker awake takes them after its call,
+    /// so one sleeping worker is woken only if none is awake.
     pub workers: usize,
+    /// Jobs that have waited `HELP_AFTER` behind running calls: wake this many sleeping
+    /// workers whoever is awake.
+    pub helpers: usize,
     /// The thread driving the wheel must look again: an entry is due before it planned to
     /// wake, a commit is due, or a full lane has room again.
     pub driver: bool,
@@ -131,6 +139,8 @@ enum Timer {
         lane: usize,
     },
     Commit,
+    /// Ready work may be waiting behind running calls (see `HELP_AFTER`).
+    Help,
     DeadLetterWait {
         write: u64,
     },
@@ -148,6 +158,9 @@ pub struct Scheduler<E> {
     commit_interval: Duration,
     commit_timer: Option<TimerKey>,
     commit_due: bool,
+    /// When the pending `Timer::Help` is due: one at a time, so its cost is per round of
+    /// work, not per job.
+    help_due: Option<Instant>,
     /// Calls with a deadline, by id.
     calls: HashMap<u64, Call>,
     next_call: u64,
@@ -193,6 +206,7 @@ impl<E: CallFailure> Scheduler<E> {
             commit_interval,
             commit_timer: None,
             commit_due: false,
+            help_due: None,
             calls: HashMap::new(),
             next_call: 0,
             next_lane: 0,
@@ -243,6 +257,14 @@ impl<E: CallFailure> Scheduler<E> {
         (self.source_idle && self.lanes.iter().all(Lane::is_empty)).then_some(Ending::Drained)
     }
 
+    /// Whether `ending` has something to say, without taking it.
+    pub fn would_end(&self) -> bool {
+        self.failure.is_some()
+            || self.source_error.is_some()
+            || self.stopping
+            || (self.source_idle && self.lanes.iter().all(Lane::is_empty))
+    }
+
     /// A failure that arrived after the ending was handed out (during the drain).
     pub fn take_late(&mut self) -> Option<Late<E>> {
         self.failure.take().map(Late::Plugin).or_else(|| self.source_error.take().map(Late::Core))
@@ -265,7 +287,7 @@ impl<E: CallFailure> Scheduler<E> {
     /// Offers a sealed batch to every lane. `Err` gives it back when a lane is full: the
     /// source holds it and takes nothing more, and is woken once the lane has room. A batch
     /// of a partition no longer assigned, or offered after the intake closed, is dropped.
-    pub fn submit(&mut self, batch: Arc<Batch>) -> std::result::Result<(), Arc<Batch>> {
+    pub fn submit(&mut self, batch: Arc<Batch>, now: Instant) -> std::result::Result<(), Arc<Batch>> {
         if self.intake_closed {
             return Ok(()); // shutting down: not started, not committed; the next run gets it
         }
@@ -284,7 +306,11 @@ impl<E: CallFailure> Scheduler<E> {
         for lane in &mut self.lanes {
             lane.push(&batch, epoch);
         }
-        self.wakes.workers += self.lanes.iter().filter(|l| l.has_ready()).count();
+        let ready = self.lanes.iter().filter(|l| l.has_ready()).count();
+        // The source drives the wheel right after: it needs no wake for the help entry.
+        let driver_woken = self.wakes.driver;
+        self.work_ready(ready, now);
+        self.wakes.driver = driver_woken;
         self.partitions.fetched(batch.partition(), batch.last_offset() + 1, batch.len());
         Ok(())
     }
@@ -409,6 +435,29 @@ impl<E: CallFailure> Scheduler<E> {
         (key, earlier)
     }
 
+    /// `count` jobs became ready. A worker is awake or woken for them; if they still wait
+    /// `HELP_AFTER` from now (behind running calls), more workers are.
+    pub(super) fn work_ready(&mut self, count: usize, now: Instant) {
+        if count == 0 {
+            return;
+        }
+        self.wakes.workers += count;
+        self.arm_help(now);
+    }
+
+    pub(super) fn arm_help(&mut self, now: Instant) {
+        if self.help_due.is_none() {
+            self.schedule(now + HELP_AFTER, Timer::Help);
+            self.help_due = Some(now + HELP_AFTER);
+        }
+    }
+
+    /// Jobs a worker could start now: cancels, and one per lane with a call ready.
+    pub(super) fn ready_jobs(&self) -> usize {
+        let calls = if self.stopping { 0 } else { self.lanes.iter().filter(|l| l.has_ready()).count() };
+        self.cancels.len() + calls
+    }
+
     /// Fires the wheel's entries due at `now`.
     pub fn handle_timeout(&mut self, now: Instant) {
         let mut due = Vec::new();
@@ -418,18 +467,26 @@ impl<E: CallFailure> Scheduler<E> {
                 Timer::Source => {}
                 Timer::Retry { lane, partition } => {
                     self.lanes[lane].retry_due(&partition);
-                    self.wakes.workers += usize::from(self.lanes[lane].has_ready());
+                    self.work_ready(usize::from(self.lanes[lane].has_ready()), now);
                 }
                 Timer::Unthrottle { lane } => {
                     self.lanes[lane].unthrottle();
-                    self.wakes.workers += usize::from(self.lanes[lane].has_ready());
+                    self.work_ready(usize::from(self.lanes[lane].has_ready()), now);
+                }
+                Timer::Help => {
+                    self.help_due = None;
+                    let waiting = self.ready_jobs();
+                    self.wakes.helpers += waiting;
+                    if waiting > 0 {
+                        self.arm_help(now);
+                    }
                 }
                 Timer::Commit => {
                     self.commit_timer = None;
                     self.commit_due = true;
                     self.wakes.driver = true;
                 }
-                Timer::Deadline { call } => self.deadline_passed(call),
+                Timer::Deadline { call } => self.deadline_passed(call, now),
                 Timer::DeadLetterWait { write } => self.dead_letter_waits(write, now),
             }
         }

@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 use proptest::prelude::*;
 
 use super::tests::{batch_at, effects, ms, offsets_of, partition, retrying, Failure, Sched};
-use super::{Effect, Ending, Job, Task, WriteBound};
+use super::{Effect, Ending, Job, Task, WriteBound, HELP_AFTER};
 use crate::core::batch::Batch;
 use crate::core::errors::Error;
 use crate::core::lane::{Lane, LaneOptions, OnFailure};
@@ -475,7 +475,7 @@ impl Model {
         let batch = batch_at(p as i32, &offsets);
         let Some(assignment) = self.current.get(p).copied().flatten() else {
             // Sealed before its partition's revoke (or of one never assigned): dropped.
-            prop_assert!(self.sched.submit(batch).is_ok(), "a batch of an unassigned partition is dropped");
+            prop_assert!(self.sched.submit(batch, self.now).is_ok(), "a batch of an unassigned partition is dropped");
             return Ok(());
         };
         self.position[p] = next;
@@ -508,7 +508,7 @@ impl Model {
         let empty: Vec<bool> = (0..self.options.len()).map(|lane| self.queued(lane) == 0).collect();
         // Every lane is asked, so each full one marks itself full.
         let admits: Vec<bool> = (0..self.options.len()).map(|lane| self.admits(lane, offsets.len())).collect();
-        let submitted = self.sched.submit(batch.clone());
+        let submitted = self.sched.submit(batch.clone(), self.now);
         if !self.intake_closed {
             prop_assert_eq!(submitted.is_ok(), admits.iter().all(|&a| a), "admitted? lanes: {:?}", admits);
             for (lane, admits) in admits.into_iter().enumerate() {
@@ -926,9 +926,17 @@ impl Model {
             prop_assert!(wakes.workers > 0, "work became ready and no worker was woken");
         }
         self.ready_before = ready;
+        // Ready work that waits behind running calls wakes more workers within HELP_AFTER.
+        if ready {
+            prop_assert!(
+                self.sched.help_due.is_some_and(|at| at <= self.now + HELP_AFTER),
+                "work is ready and no help is due within HELP_AFTER"
+            );
+        }
         // The driver sleeps until its planned wake: an entry due before must wake it. Woken,
-        // it drives the wheel and plans again.
-        let drove = matches!(op, Op::Advance(_));
+        // it drives the wheel and plans again. The source is the driver: it drives the wheel
+        // right after a fetch.
+        let drove = matches!(op, Op::Advance(_) | Op::Fetch { .. });
         let next = self.sched.poll_timeout();
         if !drove && next.is_some_and(|n| self.planned.is_none_or(|planned| n < planned)) {
             prop_assert!(wakes.driver || wakes.stopped, "an earlier wheel entry and the driver was not woken");
@@ -1012,7 +1020,8 @@ impl Model {
     }
 
     /// (d): per (lane, partition) at most one retry, one deadline and one dead-letter wait
-    /// (the lane runs one call per partition), plus the commit timer; and none missing.
+    /// (the lane runs one call per partition), plus the commit timer and one help entry;
+    /// and none missing.
     fn check_wheel(&self) -> Result<(), TestCaseError> {
         let retries = self.queues.iter().flatten().filter_map(|q| q.retry.as_ref());
         let (mut surely_pending, mut maybe_pending) = (0, 0);
@@ -1021,11 +1030,12 @@ impl Model {
             surely_pending += usize::from(self.now < retry.not_before);
         }
         let deadlines = self.calls.iter().filter(|c| c.deadline.is_some() && !c.overdue).count();
-        let certain = deadlines + self.writes.len();
+        let help = usize::from(self.sched.help_due.is_some());
+        let certain = deadlines + self.writes.len() + help;
         let entries = self.sched.timers.len();
         prop_assert!(
             entries >= certain + surely_pending && entries <= certain + maybe_pending + 1,
-            "{} wheel entries: {} deadlines, {} dead-letter waits, {}..={} retries, a commit",
+            "{} wheel entries: {} deadlines, {} dead-letter waits, {}..={} retries, a commit, help",
             entries,
             deadlines,
             self.writes.len(),

@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::{CallFailure, Effect, Ending, Job, Late, Scheduler, Task, Wakes, WriteBound};
+use super::{CallFailure, Effect, Ending, Job, Late, Scheduler, Task, Wakes, WriteBound, HELP_AFTER};
 use crate::core::batch::testing::{batch, Message};
 use crate::core::batch::{Batch, BatchBuilder, Partition};
 use crate::core::errors::Error;
@@ -131,8 +131,10 @@ fn no_job(sched: &mut Sched, now: Instant) {
     }
 }
 
-fn submit(sched: &mut Sched, batch: Arc<Batch>) {
-    sched.submit(batch).expect("admitted");
+/// Submits at `now`: the source drives the wheel right after (and `Timer::Help` is due
+/// `HELP_AFTER` later).
+fn submit(sched: &mut Sched, batch: Arc<Batch>, now: Instant) {
+    sched.submit(batch, now).expect("admitted");
 }
 
 fn succeed(sched: &mut Sched, task: Task, now: Instant) {
@@ -180,8 +182,8 @@ fn cancel_flag() -> (Box<dyn FnOnce() + Send>, Arc<AtomicBool>) {
 #[test]
 fn an_assigned_batch_goes_to_every_lane_and_wakes_a_worker_per_lane() {
     let (mut s, start) = sched_with(vec![lane("a", 10), lane("b", 10)], &[0]);
-    submit(&mut s, batch(0, 0, 5));
-    assert_eq!(s.take_wakes(), Wakes { workers: 2, driver: false, stopped: false });
+    submit(&mut s, batch(0, 0, 5), start);
+    assert_eq!(s.take_wakes(), Wakes { workers: 2, helpers: 0, driver: false, stopped: false });
     assert_eq!(s.lanes.iter().map(|l| l.stats.queued).collect::<Vec<_>>(), [5, 5]);
     let snapshot = s.snapshot(start, &|_| None);
     assert_eq!(snapshot.admitted, 5);
@@ -191,9 +193,9 @@ fn an_assigned_batch_goes_to_every_lane_and_wakes_a_worker_per_lane() {
 #[test]
 fn a_full_lane_refuses_the_batch_for_every_lane_and_wakes_the_source_once_half_empty() {
     let (mut s, start) = sched_with(vec![LaneOptions::new("small", 10, 1, 10), lane("big", 10)], &[0]);
-    submit(&mut s, batch(0, 0, 8));
+    submit(&mut s, batch(0, 0, 8), start);
     let refused = batch(0, 8, 5);
-    let back = s.submit(refused.clone()).expect_err("8 + 5 > 10");
+    let back = s.submit(refused.clone(), start).expect_err("8 + 5 > 10");
     assert!(Arc::ptr_eq(&back, &refused), "the same batch comes back, for the source to hold");
     assert_eq!(s.lanes[1].stats.queued, 8, "no lane took it");
     s.take_wakes();
@@ -201,25 +203,25 @@ fn a_full_lane_refuses_the_batch_for_every_lane_and_wakes_the_source_once_half_e
     assert_eq!(task.lane, 0);
     succeed(&mut s, task, start);
     assert!(s.take_wakes().driver, "the lane has room again: the source is woken");
-    submit(&mut s, refused);
+    submit(&mut s, refused, start);
 }
 
 #[test]
 fn an_empty_lane_admits_a_batch_larger_than_its_bound() {
-    let (mut s, _) = sched_with(vec![LaneOptions::new("a", 10, 1, 10)], &[0]);
-    submit(&mut s, batch(0, 0, 50));
+    let (mut s, start) = sched_with(vec![LaneOptions::new("a", 10, 1, 10)], &[0]);
+    submit(&mut s, batch(0, 0, 50), start);
     assert_eq!(s.lanes[0].stats.queued, 50);
-    assert!(s.submit(batch(0, 50, 1)).is_err(), "but nothing more");
+    assert!(s.submit(batch(0, 50, 1), start).is_err(), "but nothing more");
 }
 
 #[test]
 fn a_batch_of_an_unassigned_partition_or_after_the_intake_closed_is_dropped() {
     let (mut s, start) = sched_with(vec![lane("a", 10)], &[0]);
-    submit(&mut s, batch(1, 0, 5));
+    submit(&mut s, batch(1, 0, 5), start);
     assert_eq!((s.lanes[0].stats.queued, s.take_wakes()), (0, Wakes::default()));
     s.close_intake();
     assert!(s.is_intake_closed());
-    submit(&mut s, batch(0, 0, 5));
+    submit(&mut s, batch(0, 0, 5), start);
     assert_eq!(s.lanes[0].stats.queued, 0);
     assert_eq!(s.snapshot(start, &|_| None).admitted, 0);
 }
@@ -229,8 +231,8 @@ fn a_batch_of_an_unassigned_partition_or_after_the_intake_closed_is_dropped() {
 #[test]
 fn lanes_take_turns() {
     let (mut s, start) = sched_with(vec![LaneOptions::new("a", 5, 2, 100), LaneOptions::new("b", 5, 2, 100)], &[0, 1]);
-    submit(&mut s, batch(0, 0, 10));
-    submit(&mut s, batch(1, 0, 10));
+    submit(&mut s, batch(0, 0, 10), start);
+    submit(&mut s, batch(1, 0, 10), start);
     let calls: Vec<(usize, i32)> =
         (0..4).map(|_| call(&mut s, start)).map(|t| (t.lane, t.chunk.batch.partition().partition)).collect();
     assert_eq!(calls, [(0, 0), (1, 0), (0, 1), (1, 1)]);
@@ -240,7 +242,7 @@ fn lanes_take_turns() {
 #[test]
 fn a_lane_runs_one_call_per_partition_in_offset_order() {
     let (mut s, start) = sched_with(vec![lane("a", 5)], &[0]);
-    submit(&mut s, batch(0, 0, 12));
+    submit(&mut s, batch(0, 0, 12), start);
     let first = call(&mut s, start);
     assert_eq!(offsets_of(&first), [0, 1, 2, 3, 4]);
     no_job(&mut s, start); // concurrency 4, but the partition is busy
@@ -252,7 +254,7 @@ fn a_lane_runs_one_call_per_partition_in_offset_order() {
 fn a_lane_runs_at_most_its_concurrency_of_calls() {
     let (mut s, start) = sched_with(vec![LaneOptions::new("a", 5, 2, 100)], &[0, 1, 2]);
     for p in 0..3 {
-        submit(&mut s, batch(p, 0, 5));
+        submit(&mut s, batch(p, 0, 5), start);
     }
     let first = call(&mut s, start);
     call(&mut s, start);
@@ -266,7 +268,7 @@ fn a_lane_runs_at_most_its_concurrency_of_calls() {
 #[test]
 fn no_call_starts_after_a_stop_and_running_ones_still_count() {
     let (mut s, start) = sched_with(vec![lane("a", 5)], &[0]);
-    submit(&mut s, batch(0, 0, 10));
+    submit(&mut s, batch(0, 0, 10), start);
     let running = call(&mut s, start);
     s.take_wakes();
     s.stop();
@@ -284,12 +286,12 @@ fn cancels_come_before_calls() {
     let mut timed = LaneOptions::new("a", 5, 2, 100);
     timed.timeout = Some(ms(100));
     let (mut s, start) = sched_with(vec![timed], &[0, 1]);
-    submit(&mut s, batch(0, 0, 5));
+    submit(&mut s, batch(0, 0, 5), start);
     let running = call(&mut s, start);
     assert_eq!(running.deadline, Some(start + ms(100)));
     let (cancel, ran) = cancel_flag();
     assert!(s.register_cancel(running.call, cancel).is_none(), "before its deadline it is kept");
-    submit(&mut s, batch(1, 0, 5));
+    submit(&mut s, batch(1, 0, 5), start);
     s.take_wakes();
     s.handle_timeout(start + ms(99));
     assert_eq!(s.take_wakes().workers, 0);
@@ -309,7 +311,7 @@ fn cancels_come_before_calls() {
 #[test]
 fn an_offset_is_committable_once_every_lane_finished_and_committed_when_the_timer_fires() {
     let (mut s, start) = sched_with(vec![lane("whole", 10), lane("halves", 5)], &[0, 1]);
-    submit(&mut s, batch(0, 0, 10));
+    submit(&mut s, batch(0, 0, 10), start);
     let whole = call_on(&mut s, start, 0, 0);
     succeed(&mut s, whole, start);
     assert_eq!(committable(&s), [], "one lane of two finished");
@@ -322,7 +324,7 @@ fn an_offset_is_committable_once_every_lane_finished_and_committed_when_the_time
     assert_eq!(s.take_commit(), [], "handed out once");
 
     let later = start + ms(150);
-    submit(&mut s, batch(1, 0, 3));
+    submit(&mut s, batch(1, 0, 3), start);
     let p1_whole = call_on(&mut s, later, 0, 1);
     succeed(&mut s, p1_whole, later);
     let second_half = call_on(&mut s, later, 1, 0);
@@ -341,8 +343,9 @@ fn an_offset_is_committable_once_every_lane_finished_and_committed_when_the_time
 fn a_failed_call_is_retried_after_its_backoff() {
     let a = retrying(lane("a", 5), 2, ms(100), OnFailure::Stop);
     let (mut s, start) = sched_with(vec![a], &[0]);
-    submit(&mut s, batch(0, 0, 8));
+    submit(&mut s, batch(0, 0, 8), start);
     let first = call(&mut s, start);
+    s.handle_timeout(start + HELP_AFTER);
     s.take_wakes();
     fail(&mut s, first, Failure::all(1), start);
     let wakes = s.take_wakes();
@@ -365,7 +368,7 @@ fn a_failed_call_is_retried_after_its_backoff() {
 fn a_partial_failure_retries_only_the_failed_and_finishes_those_before_the_first() {
     let a = retrying(LaneOptions::new("a", 10, 1, 100), 3, ms(10), OnFailure::Stop);
     let (mut s, start) = sched_with(vec![a, lane("b", 10)], &[0]);
-    submit(&mut s, batch_at(0, &[0, 1, 2, 5, 6, 9, 10])); // offsets 3, 4, 7 and 8 compacted away
+    submit(&mut s, batch_at(0, &[0, 1, 2, 5, 6, 9, 10]), start); // offsets 3, 4, 7 and 8 compacted away
     let (task_a, task_b) = (call(&mut s, start), call(&mut s, start));
     succeed(&mut s, task_b, start);
     // Positions 5 and 3 (offsets 9 and 5), named twice and out of order.
@@ -390,8 +393,8 @@ fn a_partial_failure_retries_only_the_failed_and_finishes_those_before_the_first
 fn a_partial_failure_naming_no_message_is_a_success_and_one_out_of_range_fails_the_whole_call() {
     let a = retrying(lane("a", 10), 1, ms(10), OnFailure::Stop);
     let (mut s, start) = sched_with(vec![a], &[0, 1]);
-    submit(&mut s, batch(0, 0, 4));
-    submit(&mut s, batch(1, 0, 4));
+    submit(&mut s, batch(0, 0, 4), start);
+    submit(&mut s, batch(1, 0, 4), start);
     let (none_failed, out_of_range) = (call(&mut s, start), call(&mut s, start));
     fail(&mut s, none_failed, Failure::at(1, &[]), start);
     assert!(warnings(&effects(&mut s))[0].contains("partial failure of no message"));
@@ -404,8 +407,8 @@ fn a_partial_failure_naming_no_message_is_a_success_and_one_out_of_range_fails_t
 #[test]
 fn a_failure_under_the_stop_policy_freezes_the_partition_and_ends_the_run_once() {
     let (mut s, start) = sched_with(vec![lane("a", 5), lane("b", 5)], &[0, 1]);
-    submit(&mut s, batch(0, 0, 10));
-    submit(&mut s, batch(1, 0, 5));
+    submit(&mut s, batch(0, 0, 10), start);
+    submit(&mut s, batch(1, 0, 5), start);
     for _ in 0..2 {
         let task = call(&mut s, start);
         succeed(&mut s, task, start); // both lanes finish p0's 0..5
@@ -439,8 +442,8 @@ fn a_failure_under_the_stop_policy_freezes_the_partition_and_ends_the_run_once()
 #[test]
 fn a_failure_after_the_ending_was_handed_out_is_late() {
     let (mut s, start) = sched_with(vec![LaneOptions::new("a", 5, 2, 100)], &[0, 1]);
-    submit(&mut s, batch(0, 0, 5));
-    submit(&mut s, batch(1, 0, 5));
+    submit(&mut s, batch(0, 0, 5), start);
+    submit(&mut s, batch(1, 0, 5), start);
     let (first, second) = (call(&mut s, start), call(&mut s, start));
     fail(&mut s, first, Failure::all(1), start);
     assert!(matches!(s.ending(), Some(Ending::Failed(_))));
@@ -454,7 +457,7 @@ fn a_fatal_failure_ends_the_run_whatever_the_policy_and_finishes_nothing() {
     let forever = retrying(lane("a", 5), 0, ms(10), OnFailure::RetryForever);
     let dead_letters = retrying(lane("b", 5), 0, ms(10), OnFailure::DeadLetter("dlq".into()));
     let (mut s, start) = sched_with(vec![forever, dead_letters], &[0]);
-    submit(&mut s, batch(0, 0, 5));
+    submit(&mut s, batch(0, 0, 5), start);
     let (a, b) = (call(&mut s, start), call(&mut s, start));
     succeed(&mut s, b, start);
     fail(&mut s, a, Failure { positions: Some(vec![3]), ..Failure::fatal(1) }, start);
@@ -466,7 +469,7 @@ fn a_fatal_failure_ends_the_run_whatever_the_policy_and_finishes_nothing() {
     // Fatal on the dead-letter lane too.
     let dead_letters = retrying(lane("b", 5), 3, ms(10), OnFailure::DeadLetter("dlq".into()));
     let (mut s, start) = sched_with(vec![dead_letters], &[0]);
-    submit(&mut s, batch(0, 0, 5));
+    submit(&mut s, batch(0, 0, 5), start);
     let task = call(&mut s, start);
     fail(&mut s, task, Failure::fatal(2), start);
     assert!(!effects(&mut s).iter().any(|e| matches!(e, Effect::DeadLetter(_))));
@@ -483,7 +486,7 @@ fn dead_lettering(bound: Option<Duration>) -> (Sched, Instant, u64) {
     let start = Instant::now();
     let mut s = Sched::new(vec![a, lane("b", 5)], COMMIT_INTERVAL, Some(WriteBound(bound)), start).expect("valid");
     s.assign(vec![partition(0)]);
-    submit(&mut s, batch(0, 10, 5));
+    submit(&mut s, batch(0, 10, 5), start);
     let (a, b) = (call(&mut s, start), call(&mut s, start));
     succeed(&mut s, b, start);
     fail(&mut s, a, Failure::at(7, &[3, 1]), start);
@@ -557,7 +560,7 @@ fn after_the_dead_letter_producer_closed_a_dead_letter_failure_stops_the_run() {
     let a = retrying(lane("a", 5), 0, ms(10), OnFailure::DeadLetter("dlq".into()));
     let (mut s, start) = sched_with(vec![a], &[0]);
     s.close_dead_letters();
-    submit(&mut s, batch(0, 0, 5));
+    submit(&mut s, batch(0, 0, 5), start);
     let task = call(&mut s, start);
     fail(&mut s, task, Failure::all(1), start);
     assert!(!effects(&mut s).iter().any(|e| matches!(e, Effect::DeadLetter(_))));
@@ -575,7 +578,7 @@ fn timed_lane() -> LaneOptions {
 #[test]
 fn a_sync_call_past_its_deadline_is_warned_about_and_still_counts() {
     let (mut s, start) = sched_with(vec![timed_lane()], &[0]);
-    submit(&mut s, batch(0, 0, 5));
+    submit(&mut s, batch(0, 0, 5), start);
     let task = call(&mut s, start);
     s.handle_timeout(start + ms(100));
     let effects = effects(&mut s);
@@ -588,7 +591,7 @@ fn a_sync_call_past_its_deadline_is_warned_about_and_still_counts() {
 #[test]
 fn a_cancel_registered_after_the_deadline_is_handed_back() {
     let (mut s, start) = sched_with(vec![timed_lane()], &[0]);
-    submit(&mut s, batch(0, 0, 5));
+    submit(&mut s, batch(0, 0, 5), start);
     let task = call(&mut s, start);
     s.handle_timeout(start + ms(100));
     let (cancel, ran) = cancel_flag();
@@ -602,8 +605,9 @@ fn a_cancel_registered_after_the_deadline_is_handed_back() {
 #[test]
 fn a_completed_call_leaves_no_deadline_on_the_wheel() {
     let (mut s, start) = sched_with(vec![timed_lane()], &[0]);
-    submit(&mut s, batch(0, 0, 5));
+    submit(&mut s, batch(0, 0, 5), start);
     let task = call(&mut s, start);
+    s.handle_timeout(start + HELP_AFTER); // nothing waits behind the call: no help, no new entry
     assert_eq!(s.timers.len(), 1);
     succeed(&mut s, task, start);
     assert_eq!(s.timers.len(), 1, "the commit timer only");
@@ -617,8 +621,8 @@ fn a_completed_call_leaves_no_deadline_on_the_wheel() {
 #[test]
 fn a_revoke_drops_waiting_work_returns_every_assigned_offset_and_forgets_the_revoked() {
     let (mut s, start) = sched_with(vec![lane("a", 5), lane("b", 5)], &[0, 1]);
-    submit(&mut s, batch(0, 0, 15));
-    submit(&mut s, batch(1, 0, 5));
+    submit(&mut s, batch(0, 0, 15), start);
+    submit(&mut s, batch(1, 0, 5), start);
     for _ in 0..4 {
         let task = call(&mut s, start);
         succeed(&mut s, task, start); // p0's 0..5 and p1's 0..5, in both lanes
@@ -635,7 +639,7 @@ fn a_revoke_drops_waiting_work_returns_every_assigned_offset_and_forgets_the_rev
     // The revoked call completes late, after the partition came back: lane a's new call on
     // it waits for the old one, lane b's does not.
     s.assign(vec![partition(0)]);
-    submit(&mut s, batch(0, 5, 5));
+    submit(&mut s, batch(0, 5, 5), start);
     let new_b = call_on(&mut s, start, 1, 0);
     no_job(&mut s, start);
     succeed(&mut s, new_b, start);
@@ -651,7 +655,7 @@ fn a_revoke_drops_waiting_work_returns_every_assigned_offset_and_forgets_the_rev
 fn a_call_that_fails_after_its_partition_was_revoked_is_not_retried() {
     let a = retrying(lane("a", 5), 3, ms(10), OnFailure::DeadLetter("dlq".into()));
     let (mut s, start) = sched_with(vec![a], &[0]);
-    submit(&mut s, batch(0, 0, 5));
+    submit(&mut s, batch(0, 0, 5), start);
     let running = call(&mut s, start);
     s.revoke(&[partition(0)]);
     fail(&mut s, running, Failure::all(1), start);
@@ -666,7 +670,7 @@ fn a_call_that_fails_after_its_partition_was_revoked_is_not_retried() {
 #[test]
 fn a_reassigned_partition_does_not_bring_back_its_old_offsets() {
     let (mut s, start) = sched_with(vec![lane("a", 5)], &[0]);
-    submit(&mut s, batch(0, 0, 5));
+    submit(&mut s, batch(0, 0, 5), start);
     let task = call(&mut s, start);
     succeed(&mut s, task, start);
     assert_eq!(committable(&s), [(partition(0), 5)]);
@@ -676,7 +680,7 @@ fn a_reassigned_partition_does_not_bring_back_its_old_offsets() {
     assert_eq!(committable(&s), []);
     assert_eq!(commit_at(&mut s, start + COMMIT_INTERVAL), [], "nor does the commit timer");
     // The new assignment starts where the group's commit was (say 3) and stores its own.
-    submit(&mut s, batch(0, 3, 1));
+    submit(&mut s, batch(0, 3, 1), start);
     let task = call(&mut s, start + COMMIT_INTERVAL);
     succeed(&mut s, task, start + COMMIT_INTERVAL);
     assert_eq!(committable(&s), [(partition(0), 4)]);
@@ -691,7 +695,7 @@ fn drain_mode_ends_once_the_source_is_idle_and_every_lane_is_empty() {
     assert!(!s.source_idle(true), "unchanged");
     assert!(matches!(s.ending(), Some(Ending::Drained)));
     s.source_idle(false);
-    submit(&mut s, batch(0, 0, 5));
+    submit(&mut s, batch(0, 0, 5), start);
     s.source_idle(true);
     assert!(s.ending().is_none(), "the lane has work");
     let task = call(&mut s, start);
@@ -704,10 +708,11 @@ fn drain_mode_ends_once_the_source_is_idle_and_every_lane_is_empty() {
 fn close_intake_stops_and_drops_waiting_work_and_its_retries() {
     let a = retrying(lane("a", 5), 3, ms(10), OnFailure::Stop);
     let (mut s, start) = sched_with(vec![a], &[0, 1]);
-    submit(&mut s, batch(0, 0, 5));
-    submit(&mut s, batch(1, 0, 10));
+    submit(&mut s, batch(0, 0, 5), start);
+    submit(&mut s, batch(1, 0, 10), start);
     let failing = call(&mut s, start);
     let running = call(&mut s, start);
+    s.handle_timeout(start + HELP_AFTER);
     fail(&mut s, failing, Failure::all(1), start);
     assert_eq!(s.timers.len(), 1, "p0's retry");
     s.close_intake();
@@ -728,9 +733,10 @@ fn the_driver_is_woken_for_an_entry_due_before_it_planned_to_wake() {
     s.schedule_source_wake(start + Duration::from_secs(1));
     assert!(!s.take_wakes().driver, "the source schedules its own wakes right before it sleeps");
     for p in 0..3 {
-        submit(&mut s, batch(p, 0, 5));
+        submit(&mut s, batch(p, 0, 5), start);
     }
     let (first, second, third) = (call(&mut s, start), call(&mut s, start), call(&mut s, start));
+    s.handle_timeout(start + HELP_AFTER); // the source drives the wheel; nothing waits
     s.take_wakes();
     succeed(&mut s, first, start);
     assert!(s.take_wakes().driver, "the commit, in 100 ms, comes before the source's wake");
@@ -740,4 +746,42 @@ fn the_driver_is_woken_for_an_entry_due_before_it_planned_to_wake() {
     assert!(!s.take_wakes().driver, "the retry, in 0.5 to 1 s, comes after the commit");
     s.handle_timeout(start + COMMIT_INTERVAL);
     assert!(s.take_wakes().driver, "a commit is due");
+}
+
+#[test]
+fn a_round_of_batches_needs_one_worker_and_help_comes_only_for_work_left_waiting() {
+    let (mut s, start) = sched_with(vec![lane("a", 10), lane("b", 10)], &[0, 1, 2]);
+    for p in 0..3 {
+        submit(&mut s, batch(p, 0, 5), start);
+    }
+    let wakes = s.take_wakes();
+    assert_eq!((wakes.workers, wakes.helpers), (6, 0), "six calls ready; the engine wakes one worker if none is awake");
+    assert_eq!(s.timers.len(), 1, "one help entry for the whole round, not one per batch or call");
+    // One worker runs the round within HELP_AFTER: the help entry finds nothing waiting.
+    for _ in 0..6 {
+        let task = call(&mut s, start + ms(1));
+        succeed(&mut s, task, start + ms(1));
+    }
+    s.handle_timeout(start + HELP_AFTER);
+    assert_eq!(s.take_wakes().helpers, 0);
+    assert_eq!(s.timers.len(), 1, "the commit timer only: no help entry re-armed");
+}
+
+#[test]
+fn work_waiting_behind_a_slow_call_wakes_a_helper_after_help_after() {
+    let (mut s, start) = sched_with(vec![lane("slow", 10), lane("fast", 10)], &[0]);
+    submit(&mut s, batch(0, 0, 5), start);
+    let slow = call(&mut s, start);
+    assert_eq!(slow.lane, 0);
+    s.handle_timeout(start + ms(1));
+    assert_eq!(s.take_wakes().helpers, 0, "not yet");
+    s.handle_timeout(start + HELP_AFTER);
+    assert_eq!(s.take_wakes().helpers, 1, "the fast lane's call has waited HELP_AFTER behind the slow one");
+    assert_eq!(s.poll_timeout(), Some(start + HELP_AFTER + HELP_AFTER), "still waiting: help again later");
+    let fast = call(&mut s, start + HELP_AFTER);
+    assert_eq!(fast.lane, 1);
+    s.handle_timeout(start + HELP_AFTER * 2);
+    assert_eq!(s.take_wakes().helpers, 0, "nothing waits any more");
+    succeed(&mut s, fast, start + HELP_AFTER * 2);
+    succeed(&mut s, slow, start + ms(500));
 }
