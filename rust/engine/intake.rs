@@ -9,7 +9,6 @@ use super::shared::Shared;
 use crate::core::batch::{Batch, Partition};
 use crate::core::errors::Error;
 use crate::core::sched::CallFailure;
-use crate::core::timer::TimerKey;
 use crate::kafka::intake::{Driven, Intake, Wake};
 
 impl<E: CallFailure + 'static> Intake for Shared<E> {
@@ -47,8 +46,21 @@ impl<E: CallFailure + 'static> Intake for Shared<E> {
         self.lock().record_high_watermarks(watermarks);
     }
 
-    fn submit(&self, batch: Arc<Batch>) -> Result<(), Arc<Batch>> {
-        self.apply(|sched| sched.submit(batch, Instant::now()))
+    fn submit(&self, batches: &mut Vec<Arc<Batch>>) {
+        let now = Instant::now();
+        self.apply(|sched| {
+            let mut blocked: Vec<Partition> = Vec::new(); // allocates only on a refusal
+            batches.retain(|batch| {
+                if blocked.contains(batch.partition()) {
+                    return true;
+                }
+                let refused = sched.submit(batch.clone(), now).is_err();
+                if refused {
+                    blocked.push(batch.partition().clone());
+                }
+                refused
+            });
+        });
     }
 
     fn source_idle(&self, idle: bool) {
@@ -69,12 +81,8 @@ impl<E: CallFailure + 'static> Intake for Shared<E> {
         Shared::set_waker(self, wake);
     }
 
-    fn schedule_wake(&self, at: Instant) -> TimerKey {
-        self.lock().schedule_source_wake(at)
-    }
-
-    fn cancel_wake(&self, key: TimerKey) {
-        self.lock().cancel_timer(key);
+    fn schedule_wake(&self, at: Instant) {
+        self.lock().schedule_source_wake(at);
     }
 
     fn drive_timers(&self, now: Instant) -> Driven {

@@ -83,6 +83,7 @@ impl RunOptions {
         Shape {
             batch_size: self.lanes.iter().map(|l| l.batch_size).max().unwrap_or(1),
             linger: self.linger,
+            fetch_gathering: Duration::ZERO, // the source's fetch plan sets it
             idle_timeout: self.idle_timeout,
             revoke_timeout: self.revoke_timeout,
             rate_limit: self.rate_limit,

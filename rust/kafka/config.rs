@@ -31,6 +31,32 @@ const DEFAULT_PROPERTIES: [(&str, &str); 3] = [
     ("fetch.queue.backoff.ms", "100"),
 ];
 
+/// How long a round of batches stays open after its first message when fetches are sized to
+/// linger: time for every partition of one fetch response to arrive, and for the wheel's
+/// 1 ms tick.
+pub const SEAL_MARGIN: Duration = Duration::from_millis(2);
+
+/// The `fetch.min.bytes` asked for when fetches are sized to linger: more than a linger's
+/// worth of messages at any moderate rate, so the broker answers at `fetch.wait.max.ms`; a
+/// backlog fills it at once.
+const FETCH_MIN_BYTES: u64 = 1 << 20;
+
+/// Below this linger, fetches are not held to gather messages: latency comes first.
+const MIN_GATHERING_LINGER: Duration = Duration::from_millis(10);
+
+/// librdkafka's own defaults, for a user's partial fetch settings.
+const LIBRDKAFKA_FETCH_WAIT: Duration = Duration::from_millis(500);
+
+/// How the consumer fetches: the properties fastconsume sets (none if the user set either
+/// `fetch.wait.max.ms` or `fetch.min.bytes`: their fetch tuning wins whole), and how long
+/// the broker holds a fetch to gather messages (zero if it answers as soon as any byte is
+/// there), which the source counts as part of linger.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FetchPlan {
+    pub properties: Vec<(&'static str, String)>,
+    pub gathering: Duration,
+}
+
 /// How to reach Kafka and what to consume: the settings of one consumer process.
 #[derive(Clone, Debug)]
 pub struct SourceConfig {
@@ -85,6 +111,36 @@ impl SourceConfig {
             .set("enable.auto.offset.store", "false")
             .set("enable.auto.commit", "false");
         config
+    }
+
+    /// Fetches sized to `linger`. librdkafka by default fetches as soon as any byte is there,
+    /// so at a moderate rate its broker thread costs one fetch per few messages. Instead the
+    /// broker holds each fetch until 3/5 of linger has passed (`fetch.wait.max.ms`) or
+    /// `FETCH_MIN_BYTES` are there (`fetch.min.bytes`): about two fetches per linger at a
+    /// moderate rate, full fetches in a backlog. A message waits at most that gathering, the
+    /// round's `SEAL_MARGIN` and the response's travel; the rest of linger absorbs delays
+    /// before the broker (the producer's own batching) and a loaded machine's scheduling.
+    /// A linger under `MIN_GATHERING_LINGER` asks for no gathering (latency first).
+    pub fn fetch_plan(&self, linger: Duration) -> FetchPlan {
+        let property = |name: &str| self.kafka.iter().rev().find(|(n, _)| n == name).map(|(_, v)| v.trim());
+        let (user_wait, user_min) = (property("fetch.wait.max.ms"), property("fetch.min.bytes"));
+        if user_wait.is_some() || user_min.is_some() {
+            let wait = user_wait.and_then(|ms| ms.parse().ok()).map_or(LIBRDKAFKA_FETCH_WAIT, Duration::from_millis);
+            let gathers = user_min.and_then(|b| b.parse::<u64>().ok()).is_some_and(|bytes| bytes > 1);
+            return FetchPlan { properties: vec![], gathering: if gathers { wait } else { Duration::ZERO } };
+        }
+        if linger < MIN_GATHERING_LINGER {
+            return FetchPlan { properties: vec![], gathering: Duration::ZERO };
+        }
+        let wait = linger * 3 / 5;
+        let max_bytes = property("fetch.max.bytes").and_then(|b| b.parse::<u64>().ok()).unwrap_or(u64::MAX);
+        FetchPlan {
+            properties: vec![
+                ("fetch.wait.max.ms", wait.as_millis().to_string()),
+                ("fetch.min.bytes", FETCH_MIN_BYTES.min(max_bytes).to_string()),
+            ],
+            gathering: Duration::from_millis(u64::try_from(wait.as_millis()).unwrap_or(u64::MAX)),
+        }
     }
 
     /// How long after an offset is stored it is committed: `auto.commit.interval.ms`.
@@ -146,5 +202,34 @@ mod tests {
         let mut c = config();
         c.kafka.push(("auto.offset.reset".into(), "latest".into()));
         assert_eq!(c.client_config().get("auto.offset.reset"), Some("latest"));
+    }
+
+    #[test]
+    fn fetches_are_sized_to_linger_unless_the_user_tuned_them() {
+        let plan = config().fetch_plan(Duration::from_millis(20));
+        assert_eq!(
+            plan,
+            FetchPlan {
+                properties: vec![("fetch.wait.max.ms", "12".into()), ("fetch.min.bytes", "1048576".into())],
+                gathering: Duration::from_millis(12),
+            }
+        );
+        let short = config().fetch_plan(Duration::from_millis(9));
+        assert_eq!(short, FetchPlan { properties: vec![], gathering: Duration::ZERO }, "low latency first");
+
+        let mut capped = config();
+        capped.kafka.push(("fetch.max.bytes".into(), "65536".into()));
+        assert_eq!(capped.fetch_plan(Duration::from_millis(20)).properties[1], ("fetch.min.bytes", "65536".into()));
+
+        let mut waits = config();
+        waits.kafka.push(("fetch.wait.max.ms".into(), "100".into()));
+        let plan = waits.fetch_plan(Duration::from_millis(20));
+        assert_eq!(plan, FetchPlan { properties: vec![], gathering: Duration::ZERO }, "min.bytes 1: answers at once");
+        waits.kafka.push(("fetch.min.bytes".into(), "100000".into()));
+        assert_eq!(waits.fetch_plan(Duration::from_millis(20)).gathering, Duration::from_millis(100));
+
+        let mut only_min = config();
+        only_min.kafka.push(("fetch.min.bytes".into(), "5000".into()));
+        assert_eq!(only_min.fetch_plan(Duration::from_millis(20)).gathering, LIBRDKAFKA_FETCH_WAIT);
     }
 }

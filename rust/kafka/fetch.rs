@@ -57,12 +57,15 @@ impl FetchQueue {
     /// Waits up to `timeout` for a first message, then takes what else is there, up to
     /// `limit` in all. (librdkafka's batch call alone waits until it has `limit` messages,
     /// which would hold the first one back past its linger.)
-    pub fn take(&self, timeout: Duration, limit: usize, into: &mut Vec<RawMessage>) {
+    /// Returns how many it took.
+    pub fn take(&self, timeout: Duration, limit: usize, into: &mut Vec<RawMessage>) -> usize {
         // Rounded up: a wait shorter than a millisecond must not become a non-blocking poll.
         let timeout_ms = i32::try_from(timeout.as_micros().div_ceil(1000)).unwrap_or(i32::MAX);
-        if self.take_some(timeout_ms, 1, into) == 1 && limit > 1 {
-            self.take_some(0, limit - 1, into);
+        let first = self.take_some(timeout_ms, 1, into);
+        if first == 1 && limit > 1 {
+            return 1 + self.take_some(0, limit - 1, into);
         }
+        first
     }
 
     /// Wakes a `take` waiting on this queue, or makes the next one return at once.

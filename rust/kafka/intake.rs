@@ -6,7 +6,6 @@ use std::time::{Duration, Instant};
 
 use crate::core::batch::{Batch, Partition};
 use crate::core::errors::Error;
-use crate::core::timer::TimerKey;
 
 /// Wakes the thread that drives the timer wheel (the poll loop).
 pub type Wake = Arc<dyn Fn() + Send + Sync>;
@@ -29,8 +28,9 @@ pub trait Intake: Send + Sync {
     fn committed(&self, offsets: &[(Partition, i64)]);
     /// The last high watermarks seen of partitions about to be revoked, for stats.
     fn record_high_watermarks(&self, watermarks: Vec<(Partition, i64)>);
-    /// Offers a batch; `Err` gives it back when a lane is full.
-    fn submit(&self, batch: Arc<Batch>) -> Result<(), Arc<Batch>>;
+    /// Offers batches, in one trip; those a full lane refuses are left in `batches`, in
+    /// order (behind a refused batch, later ones of its partition are refused too).
+    fn submit(&self, batches: &mut Vec<Arc<Batch>>);
     /// Drain mode: whether nothing new was fetched for the idle timeout and nothing waits
     /// to be offered. Told on every turn of the poll loop (the loop keeps serving the group
     /// while idle), and `false` as soon as anything arrives.
@@ -42,8 +42,7 @@ pub trait Intake: Send + Sync {
     fn set_waker(&self, wake: Option<Wake>);
     /// Puts one of the source's own deadlines on the wheel (it is driving it, so it is not
     /// woken for it).
-    fn schedule_wake(&self, at: Instant) -> TimerKey;
-    fn cancel_wake(&self, key: TimerKey);
+    fn schedule_wake(&self, at: Instant);
     /// Fires due wheel entries; says when the wheel is next due and what to commit now.
     fn drive_timers(&self, now: Instant) -> Driven;
 }

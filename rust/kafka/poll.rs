@@ -3,6 +3,13 @@
 //! intake's timer wheel between takes. Rebalance callbacks run on this thread, inside
 //! `poll` (see `consumer`).
 //!
+//! Rounds: the first message after a quiet spell opens a round, and when the round's one
+//! deadline comes every partition's partial batch is sealed together, so a linger costs one
+//! wheel entry and one wake-up whatever the number of partitions. While a round is open and
+//! the queue was emptied, the loop sleeps until the deadline instead of waking for each
+//! partition's arrival. When fetches are sized to linger (`SourceConfig::fetch_plan`), the
+//! broker already gathered messages for most of the linger, so the round lasts only the rest.
+//!
 //! Holding back: a batch the intake refuses (a lane is full) is held here, and while anything
 //! is held, or the app's rate limit (charged once per take) is over budget, the loop takes
 //! nothing from librdkafka: it sleeps on an empty queue of its own. librdkafka's prefetch
@@ -16,7 +23,6 @@
 //! stop, by room in a full lane, or by an earlier wheel entry: each yields the queue it sleeps
 //! on. Commits the wheel calls due are started here, asynchronously.
 
-use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -27,8 +33,8 @@ use rdkafka::message::Message;
 use crate::core::batch::{Batch, BatchBuilder, Fetched, Partition};
 use crate::core::errors::{Error, Result};
 use crate::core::limit::{Limiter, RateLimit};
-use crate::core::timer::TimerKey;
 use crate::kafka::commit::commit_async;
+use crate::kafka::config::SEAL_MARGIN;
 use crate::kafka::consumer::{lock, KafkaConsumer};
 use crate::kafka::errors::to_error;
 use crate::kafka::fetch::{FetchQueue, RawMessage};
@@ -60,6 +66,9 @@ impl Waker {
 pub struct Shape {
     pub batch_size: usize,
     pub linger: Duration,
+    /// How long the broker holds a fetch to gather messages: part of linger, already spent
+    /// when a message arrives.
+    pub fetch_gathering: Duration,
     pub idle_timeout: Option<Duration>,
     pub revoke_timeout: Duration,
     /// The app's rate limit, charged per take.
@@ -85,12 +94,18 @@ impl Drop for Ending {
     }
 }
 
-/// A partition's batch being filled, and when it must be sealed.
+impl Shape {
+    /// How long a round stays open after its first message arrives: the rest of linger once
+    /// the broker's gathering is counted, but at least `SEAL_MARGIN` (or linger, if shorter),
+    /// so the partitions of one fetch response share a round.
+    fn round_length(&self) -> Duration {
+        self.linger.saturating_sub(self.fetch_gathering).max(self.linger.min(SEAL_MARGIN))
+    }
+}
+
+/// A partition's batch being filled.
 struct Filling {
     builder: BatchBuilder,
-    deadline: Option<Instant>,
-    /// The deadline's wheel entry.
-    timer: Option<TimerKey>,
     /// librdkafka's handle of the topic, for a lookup by pointer; 0 until seen.
     topic_handle: usize,
 }
@@ -107,7 +122,9 @@ pub(super) struct PollLoop {
     /// share a partition, so the lookup is one comparison.
     last_filled: usize,
     /// Sealed batches the lanes refused, oldest first; nothing is taken while there are any.
-    held: VecDeque<Arc<Batch>>,
+    held: Vec<Arc<Batch>>,
+    /// The batches of a round being sealed, offered together; reused.
+    sealed: Vec<Arc<Batch>>,
     last_message_at: Instant,
     waker: Arc<Waker>,
     /// An empty queue to sleep on while nothing may be taken.
@@ -119,6 +136,10 @@ pub(super) struct PollLoop {
     rate_timer: Option<Instant>,
     /// When the idle deadline's wheel entry falls due, if one is pending.
     idle_timer: Option<Instant>,
+    /// The open round's deadline: every partial batch is sealed then.
+    round: Option<Instant>,
+    /// The last take emptied the fetch queue.
+    took_all: bool,
     /// Whether drain mode has said which partitions it still waits for since the last
     /// assignment.
     told_unfetched: bool,
@@ -142,7 +163,8 @@ impl PollLoop {
             shape,
             filling: Vec::new(),
             last_filled: 0,
-            held: VecDeque::new(),
+            held: Vec::new(),
+            sealed: Vec::new(),
             last_message_at: Instant::now(),
             waker,
             held_back,
@@ -151,6 +173,8 @@ impl PollLoop {
             rate_timer: None,
             idle_timer: None,
             told_unfetched: false,
+            round: None,
+            took_all: false,
         }
     }
 
@@ -184,10 +208,16 @@ impl PollLoop {
             let wait = next_timer.map_or(MAX_SLEEP, |at| at.saturating_duration_since(now)).min(MAX_SLEEP);
             let mut raw = std::mem::take(&mut self.raw);
             let before = raw.len();
-            if before == 0 && self.held.is_empty() {
-                self.fetch.take(wait, self.shape.batch_size, &mut raw);
+            let round_due = self.round.is_some_and(|at| at <= now);
+            let gathering = self.round.is_some() && !round_due && self.took_all;
+            if before == 0 && self.held.is_empty() && !gathering {
+                let wait = if round_due { Duration::ZERO } else { wait };
+                let taken = self.fetch.take(wait, self.shape.batch_size, &mut raw);
+                self.took_all = taken < self.shape.batch_size;
             } else {
-                self.held_back.take(wait, 1, &mut raw); // never holds a message: a sleep
+                // Nothing may be taken, or the round gathers in librdkafka's queue until its
+                // deadline: a sleep (this queue never holds a message).
+                self.held_back.take(wait, 1, &mut raw);
             }
             self.note_fetched(&raw[before..]);
             if raw[before..].iter().any(|m| m.error().is_none()) {
@@ -201,11 +231,14 @@ impl PollLoop {
                 }
             }
             self.raw = raw;
-            let now = Instant::now();
-            for index in 0..self.filling.len() {
-                if self.filling[index].deadline.is_some_and(|d| d <= now) {
-                    self.seal(index);
+            if self.round.is_some_and(|at| at <= Instant::now()) {
+                self.round = None;
+                let mut sealed = std::mem::take(&mut self.sealed);
+                for index in 0..self.filling.len() {
+                    self.seal_into(index, &mut sealed);
                 }
+                self.offer(&mut sealed);
+                self.sealed = sealed;
             }
         }
     }
@@ -251,14 +284,14 @@ impl PollLoop {
         self.push(index, message);
     }
 
-    /// Files one message; seals its batch when full.
+    /// Files one message (opening a round if none is open); seals its batch when full.
     fn push(&mut self, index: usize, message: &impl Fetched) {
-        let filling = &mut self.filling[index];
-        if filling.builder.is_empty() {
-            let deadline = self.last_message_at + self.shape.linger;
-            filling.deadline = Some(deadline);
-            filling.timer = Some(self.intake.schedule_wake(deadline));
+        if self.round.is_none() {
+            let deadline = self.last_message_at + self.shape.round_length();
+            self.intake.schedule_wake(deadline);
+            self.round = Some(deadline);
         }
+        let filling = &mut self.filling[index];
         filling.builder.push(message);
         if filling.builder.len() >= self.shape.batch_size {
             self.seal(index);
@@ -283,12 +316,7 @@ impl PollLoop {
                 index
             } else {
                 let partition = Partition { topic: Arc::from(topic), partition };
-                self.filling.push(Filling {
-                    builder: BatchBuilder::new(partition),
-                    deadline: None,
-                    timer: None,
-                    topic_handle,
-                });
+                self.filling.push(Filling { builder: BatchBuilder::new(partition), topic_handle });
                 self.filling.len() - 1
             }
         };
@@ -296,25 +324,36 @@ impl PollLoop {
         index
     }
 
-    /// Seals a partition's batch and offers it, unless batches of that partition are held:
-    /// then it queues behind them, keeping offset order.
+    /// Seals a partition's full batch and offers it.
     fn seal(&mut self, index: usize) {
-        let filling = &mut self.filling[index];
-        filling.deadline = None;
-        if let Some(key) = filling.timer.take() {
-            self.intake.cancel_wake(key);
-        }
-        if filling.builder.is_empty() {
+        let mut sealed = std::mem::take(&mut self.sealed);
+        self.seal_into(index, &mut sealed);
+        self.offer(&mut sealed);
+        self.sealed = sealed;
+    }
+
+    /// Seals a partition's batch into `sealed`, to be offered, unless batches of that
+    /// partition are held: then it queues behind them, keeping offset order.
+    fn seal_into(&mut self, index: usize, sealed: &mut Vec<Arc<Batch>>) {
+        let builder = &mut self.filling[index].builder;
+        if builder.is_empty() {
             return;
         }
-        let batch = filling.builder.take();
+        let batch = builder.take();
         if self.held.iter().any(|h| h.partition() == batch.partition()) {
-            self.held.push_back(batch);
+            self.held.push(batch);
+        } else {
+            sealed.push(batch);
+        }
+    }
+
+    /// Offers batches in one trip; what the intake refuses is held, in order.
+    fn offer(&mut self, batches: &mut Vec<Arc<Batch>>) {
+        if batches.is_empty() {
             return;
         }
-        if let Err(refused) = self.intake.submit(batch) {
-            self.held.push_back(refused);
-        }
+        self.intake.submit(batches);
+        self.held.append(batches);
     }
 
     /// Offers held batches again, oldest first.
@@ -322,16 +361,7 @@ impl PollLoop {
         if self.held.is_empty() {
             return;
         }
-        let mut still_held = VecDeque::new();
-        while let Some(batch) = self.held.pop_front() {
-            let blocked = still_held.iter().any(|h: &Arc<Batch>| h.partition() == batch.partition());
-            if blocked {
-                still_held.push_back(batch);
-            } else if let Err(refused) = self.intake.submit(batch) {
-                still_held.push_back(refused);
-            }
-        }
-        self.held = still_held;
+        self.intake.submit(&mut self.held);
         if self.held.is_empty() {
             // Taking restarts now: the idle clock must not count the wait.
             self.last_message_at = Instant::now();
@@ -348,10 +378,6 @@ impl PollLoop {
         for filling in &mut self.filling {
             if revoked.contains(filling.builder.partition()) {
                 filling.builder.clear();
-                filling.deadline = None;
-                if let Some(key) = filling.timer.take() {
-                    self.intake.cancel_wake(key);
-                }
                 filling.topic_handle = 0; // the handle may not outlive the assignment
             }
         }

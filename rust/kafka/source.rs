@@ -23,11 +23,16 @@ pub struct Source {
 
 impl Source {
     /// Connects (bounded by `connect_timeout`), subscribes and starts the poll thread.
-    pub fn start(config: &SourceConfig, shape: Shape, intake: Arc<dyn Intake>) -> Result<Source> {
+    pub fn start(config: &SourceConfig, mut shape: Shape, intake: Arc<dyn Intake>) -> Result<Source> {
         config.validate()?;
         let drain = shape.idle_timeout.is_some();
         let context = SourceContext::new(intake.clone(), shape.revoke_timeout, drain);
         let mut client_config = config.client_config();
+        let fetch_plan = config.fetch_plan(shape.linger);
+        for (name, value) in &fetch_plan.properties {
+            client_config.set(*name, value);
+        }
+        shape.fetch_gathering = fetch_plan.gathering;
         if drain {
             // The end of each partition is reported, so a partition whose first fetch is
             // slow is not taken for drained.

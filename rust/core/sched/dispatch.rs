@@ -4,9 +4,10 @@
 //!
 //! Waking: a worker awake takes the next job itself once its call returns, so work that
 //! becomes ready wakes a sleeping worker only if none is awake (`Wakes::workers`, counted
-//! where work becomes ready). Ready work that still waits `HELP_AFTER` later (it sits behind
-//! a slow call) wakes more (`Wakes::helpers`, from one `Timer::Help` entry at a time). At a
-//! steady rate a round of batches thus costs one wake-up, not one per call.
+//! where work becomes ready). Ready work that waited `HELP_AFTER` while no job started (it
+//! sits behind slow calls) wakes one more, and so on every `HELP_AFTER` (`Wakes::helpers`,
+//! from one `Timer::Help` entry at a time). At a steady rate a round of batches thus costs
+//! one wake-up, not one per call.
 
 use std::time::Instant;
 
@@ -34,6 +35,7 @@ impl<E: CallFailure> Scheduler<E> {
     /// worker sleeps until woken).
     pub fn next_job(&mut self, now: Instant) -> Option<Job> {
         if let Some(cancel) = self.cancels.pop_front() {
+            self.last_start = Some(now);
             return Some(Job::Cancel(cancel));
         }
         if self.stopping {
@@ -46,6 +48,7 @@ impl<E: CallFailure> Scheduler<E> {
                 Take::Call(chunk) => {
                     self.next_lane = (index + 1) % count;
                     let task = self.start_call(index, chunk, now);
+                    self.last_start = Some(now);
                     // What is still ready waits behind this call: help comes if it waits long.
                     if self.ready_jobs() > 0 {
                         self.arm_help(now);

@@ -85,9 +85,11 @@ pub enum Late<E> {
     Core(Error),
 }
 
-/// How long ready work may wait behind running calls before a sleeping worker is woken
-/// for it: the bound by which a slow call can delay another plugin's call.
-pub const HELP_AFTER: Duration = Duration::from_millis(2);
+/// How long ready work may wait while no job starts before a sleeping worker is woken for
+/// it: the bound by which a slow call can delay another plugin's call (each further slow
+/// call adds as much). Longer than a loaded machine's wake-up latency, so that a round is
+/// not handed to a second worker while the first is still being scheduled.
+pub const HELP_AFTER: Duration = Duration::from_millis(5);
 
 /// Whom to wake after an event, once the scheduler's lock is released.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -95,8 +97,8 @@ pub struct Wakes {
     /// Jobs (calls or cancels) that became ready. A worker awake takes them after its call,
     /// so one sleeping worker is woken only if none is awake.
     pub workers: usize,
-    /// Jobs that have waited `HELP_AFTER` behind running calls: wake this many sleeping
-    /// workers whoever is awake.
+    /// Ready work has waited `HELP_AFTER` while no job started: wake this many sleeping
+    /// workers (one at a time) whoever is awake.
     pub helpers: usize,
     /// The thread driving the wheel must look again: an entry is due before it planned to
     /// wake, a commit is due, or a full lane has room again.
@@ -161,6 +163,8 @@ pub struct Scheduler<E> {
     /// When the pending `Timer::Help` is due: one at a time, so its cost is per round of
     /// work, not per job.
     help_due: Option<Instant>,
+    /// When a worker last started a job.
+    last_start: Option<Instant>,
     /// Calls with a deadline, by id.
     calls: HashMap<u64, Call>,
     next_call: u64,
@@ -207,6 +211,7 @@ impl<E: CallFailure> Scheduler<E> {
             commit_timer: None,
             commit_due: false,
             help_due: None,
+            last_start: None,
             calls: HashMap::new(),
             next_call: 0,
             next_lane: 0,
@@ -409,15 +414,10 @@ impl<E: CallFailure> Scheduler<E> {
 
     /// Puts one of the source's own deadlines on the wheel. The source drives the wheel and
     /// sleeps until its next entry right after, so it is not woken for it.
-    pub fn schedule_source_wake(&mut self, at: Instant) -> TimerKey {
+    pub fn schedule_source_wake(&mut self, at: Instant) {
         let woken = self.wakes.driver;
-        let key = self.schedule(at, Timer::Source).0;
+        self.schedule(at, Timer::Source);
         self.wakes.driver = woken;
-        key
-    }
-
-    pub fn cancel_timer(&mut self, key: TimerKey) {
-        self.timers.cancel(key);
     }
 
     // --- time ----------------------------------------------------------------------------
@@ -446,9 +446,13 @@ impl<E: CallFailure> Scheduler<E> {
     }
 
     pub(super) fn arm_help(&mut self, now: Instant) {
+        self.arm_help_at(now + HELP_AFTER);
+    }
+
+    fn arm_help_at(&mut self, at: Instant) {
         if self.help_due.is_none() {
-            self.schedule(now + HELP_AFTER, Timer::Help);
-            self.help_due = Some(now + HELP_AFTER);
+            self.schedule(at, Timer::Help);
+            self.help_due = Some(at);
         }
     }
 
@@ -475,10 +479,14 @@ impl<E: CallFailure> Scheduler<E> {
                 }
                 Timer::Help => {
                     self.help_due = None;
-                    let waiting = self.ready_jobs();
-                    self.wakes.helpers += waiting;
-                    if waiting > 0 {
-                        self.arm_help(now);
+                    if self.ready_jobs() == 0 {
+                        continue;
+                    }
+                    if let Some(at) = self.last_start.map(|at| at + HELP_AFTER).filter(|&at| at > now) {
+                        self.arm_help_at(at); // workers are starting jobs: no help yet
+                    } else {
+                        self.wakes.helpers += 1;
+                        self.arm_help_at(now + HELP_AFTER);
                     }
                 }
                 Timer::Commit => {
