@@ -136,8 +136,14 @@ impl Chunk {
 
     /// Names the call's messages, for logs and errors (without listing every position).
     pub fn describe(&self) -> String {
+        let (count, first, last) = self.span();
+        self.batch.describe(count, first, last)
+    }
+
+    /// How many messages, and the positions in the batch of the first and the last.
+    pub fn span(&self) -> (usize, Option<usize>, Option<usize>) {
         let last = self.len().checked_sub(1).and_then(|i| self.index(i));
-        self.batch.describe(self.len(), self.index(0), last)
+        (self.len(), self.index(0), last)
     }
 
     /// The position in the batch of the call's `position`-th message.

@@ -75,11 +75,15 @@ impl FetchQueue {
     }
 
     fn take_some(&self, timeout_ms: i32, limit: usize, into: &mut Vec<RawMessage>) -> usize {
-        let mut slots: Vec<*mut rd::rd_kafka_message_t> = vec![ptr::null_mut(); limit];
-        // SAFETY: `slots` has room for `limit` pointers; librdkafka fills the first `n`.
-        let n = unsafe { rd::rd_kafka_consume_batch_queue(self.queue.as_ptr(), timeout_ms, slots.as_mut_ptr(), limit) };
+        // librdkafka writes message pointers straight into `into`'s spare room: `RawMessage`
+        // is a transparent non-null pointer, so no buffer of its own per take.
+        into.reserve(limit);
+        let slots = into.spare_capacity_mut().as_mut_ptr().cast::<*mut rd::rd_kafka_message_t>();
+        // SAFETY: `into` has room for `limit` more pointers; librdkafka fills the first `n`.
+        let n = unsafe { rd::rd_kafka_consume_batch_queue(self.queue.as_ptr(), timeout_ms, slots, limit) };
         let n = usize::try_from(n).unwrap_or(0); // -1 is an error on the queue itself: nothing taken
-        into.extend(slots[..n].iter().filter_map(|&m| NonNull::new(m).map(|message| RawMessage { message })));
+                                                 // SAFETY: the `n` slots were written with messages, which are never null.
+        unsafe { into.set_len(into.len() + n) };
         n
     }
 }
@@ -91,7 +95,9 @@ impl Drop for FetchQueue {
     }
 }
 
-/// A message as librdkafka hands it out; destroyed on drop.
+/// A message as librdkafka hands it out; destroyed on drop. Transparent, so `take_some`
+/// can let librdkafka write these directly.
+#[repr(transparent)]
 pub struct RawMessage {
     message: NonNull<rd::rd_kafka_message_t>,
 }

@@ -2,9 +2,12 @@
 //! a cancel and is cancelled (by a worker); a sync call cannot be, so it is an overrun,
 //! warned about, and its result still counts.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::{CallFailure, Cancel, Effect, Scheduler, Task};
+use crate::core::batch::Batch;
+use crate::core::lane::Chunk;
 use crate::core::timer::TimerKey;
 
 /// A call in flight, for its deadline.
@@ -13,13 +16,20 @@ pub(super) struct Call {
     deadline: Option<TimerKey>,
     overdue: bool,
     cancel: Option<Cancel>,
-    /// The partition and offsets, for the overrun line.
-    what: String,
+    /// The call's messages (how many, the first and last position in the batch), worded
+    /// only if the overrun line needs them: no string per call.
+    batch: Arc<Batch>,
+    span: (usize, Option<usize>, Option<usize>),
 }
 
 impl Call {
-    pub(super) fn new(lane: usize, deadline: TimerKey, what: String) -> Self {
-        Call { lane, deadline: Some(deadline), overdue: false, cancel: None, what }
+    pub(super) fn new(lane: usize, deadline: TimerKey, chunk: &Chunk) -> Self {
+        let (batch, span) = (chunk.batch.clone(), chunk.span());
+        Call { lane, deadline: Some(deadline), overdue: false, cancel: None, batch, span }
+    }
+
+    fn describe(&self) -> String {
+        self.batch.describe(self.span.0, self.span.1, self.span.2)
     }
 }
 
@@ -60,7 +70,7 @@ impl<E: CallFailure> Scheduler<E> {
                 "plugin {:?} is past its timeout of {:?} on {}; its result will still count",
                 lane.options.name,
                 lane.options.timeout.unwrap_or(Duration::ZERO),
-                record.what
+                record.describe()
             )));
         }
     }

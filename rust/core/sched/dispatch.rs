@@ -70,7 +70,7 @@ impl<E: CallFailure> Scheduler<E> {
         let deadline = self.lanes[lane].options.timeout.map(|timeout| now + timeout);
         if let Some(at) = deadline {
             let (key, _) = self.schedule(at, Timer::Deadline { call });
-            self.calls.insert(call, Call::new(lane, key, chunk.describe()));
+            self.calls.insert(call, Call::new(lane, key, &chunk));
         }
         Task { lane, chunk, call, deadline }
     }

@@ -936,12 +936,13 @@ impl Model {
         // The driver sleeps until its planned wake: an entry due before must wake it. Woken,
         // it drives the wheel and plans again. The source is the driver: it drives the wheel
         // right after a fetch.
-        let drove = matches!(op, Op::Advance(_) | Op::Fetch { .. });
+        let fetched = matches!(op, Op::Fetch { .. });
+        let drove = matches!(op, Op::Advance(_)) || fetched;
         let next = self.sched.poll_timeout();
         if !drove && next.is_some_and(|n| self.planned.is_none_or(|planned| n < planned)) {
             prop_assert!(wakes.driver || wakes.stopped, "an earlier wheel entry and the driver was not woken");
         }
-        if !drove && (wakes.driver || wakes.stopped) {
+        if fetched || (!drove && (wakes.driver || wakes.stopped)) {
             self.sched.handle_timeout(self.now); // nothing falls due: the clock did not move
         }
         if drove || wakes.driver || wakes.stopped {
