@@ -22,10 +22,12 @@ from __future__ import annotations
 
 import statistics
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import pytest
 from arrow import IMPLEMENTATIONS, run_round
+from confluent_kafka.admin import AdminClient
 from pytest_benchmark.fixture import BenchmarkFixture
 
 from fastconsume.testing import produce
@@ -112,16 +114,18 @@ def arrow_report(pytestconfig: pytest.Config, arrow_plan: DrainPlan) -> ArrowRep
 
 
 @pytest.fixture(scope="module")
-def arrow_topic(kafka_bootstrap: str, arrow_plan: DrainPlan) -> str:
+def arrow_topic(kafka_bootstrap: str, arrow_plan: DrainPlan) -> Iterator[str]:
     """A new topic holding ``arrow_plan.messages`` values of ``VALUE_SIZE`` bytes, spread
-    evenly over ``PARTITIONS`` partitions."""
+    evenly over ``PARTITIONS`` partitions; deleted afterwards (a full run's is 200 MB)."""
     assert arrow_plan.messages % PARTITIONS == 0
     topic = RealCluster(kafka_bootstrap).create_topic(PARTITIONS)
     per_partition = arrow_plan.messages // PARTITIONS
     for p in range(PARTITIONS):
         values = [f"p{p}-{i:09d}-".encode().ljust(VALUE_SIZE, b"x") for i in range(per_partition)]
         assert produce(kafka_bootstrap, topic, values, partition=p) == per_partition
-    return topic
+    yield topic
+    admin = AdminClient({"bootstrap.servers": kafka_bootstrap})
+    admin.delete_topics([topic])[topic].result(timeout=30)
 
 
 @pytest.fixture(scope="module")
