@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 
 from ._app import App
-from ._core import Batch, Message, __version__
+from ._core import ArrowColumn, Batch, Message, __version__
 from ._options import PluginOptions
 from ._stats import PartitionStats, PluginStats, Stats
 from ._values import RateLimit
@@ -38,6 +38,7 @@ logging.getLogger("fastconsume").addHandler(logging.NullHandler())
 
 __all__ = [
     "App",
+    "ArrowColumn",
     "Batch",
     "ConfigError",
     "FastconsumeError",

@@ -6,6 +6,7 @@ from typing import Any, Protocol, TypedDict, final
 from ._stats import ConsumerStats
 
 __all__ = [
+    "ArrowColumn",
     "Batch",
     "Consumer",
     "Message",
@@ -14,6 +15,7 @@ __all__ = [
     "_close_interpreter_gate",
     "_count_signals",
     "_exit_at_once_on",
+    "_live_arrow_exports",
     "_signal_deliveries",
     "inspect",
     "produce",
@@ -69,6 +71,30 @@ class Batch:
     def __getitem__(self, index: int, /) -> Message: ...
     def values(self) -> list[bytes | None]:
         """The message values in order, without building ``Message`` objects."""
+    def arrow_values(self) -> ArrowColumn:
+        """The message values in order as an Arrow array (nullable large binary), without a
+        Python object per message and without copying."""
+    def arrow_keys(self) -> ArrowColumn:
+        """The message keys in order as an Arrow array, like ``arrow_values()``."""
+
+@final
+class ArrowColumn:
+    """The keys or values of a call's batch, for Arrow: ``pyarrow.array(column)``,
+    ``polars.Series(column)`` and other readers of the Arrow PyCapsule protocol read it
+    without copying. A nullable large binary array (``pyarrow.large_binary()``), one entry
+    per message of the batch, in order (``len(column) == len(batch)``): the message's
+    bytes, or null for a null key or value. Immutable; each export holds the batch's memory
+    until the array read from it is dropped, however long after the call."""
+
+    @property
+    def name(self) -> str:
+        """``"keys"`` or ``"values"``: the field's name in the export."""
+    def __len__(self) -> int: ...
+    def __arrow_c_schema__(self) -> object:
+        """The Arrow field (nullable large binary), as an ``arrow_schema`` capsule."""
+    def __arrow_c_array__(self, requested_schema: object | None = None) -> tuple[object, object]:
+        """The field and the entries, as ``arrow_schema`` and ``arrow_array`` capsules. Each
+        call exports anew, over the same memory."""
 
 class PluginSpec(Protocol):
     """What ``Consumer.run`` reads of each plugin (``fastconsume._plugins.Plugin``)."""
@@ -214,6 +240,9 @@ def _count_signals(signals: Sequence[int]) -> None:
 
 def _signal_deliveries() -> int:
     """Deliveries of the signals ``_count_signals`` counts, since the process began."""
+
+def _live_arrow_exports() -> int:
+    """Arrays exported and not released yet (a test hook: each one holds its batch)."""
 
 def _exit_at_once_on(signals: Sequence[int], code: int) -> None:
     """Makes each of ``signals`` end the process at once with ``code`` (native handler)."""

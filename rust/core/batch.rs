@@ -1,12 +1,18 @@
-//! A batch of fetched messages of one partition, copied out of the client into two flat
-//! buffers so that a batch costs a handful of allocations however many messages it holds.
-//! Every lane reads the same `Arc<Batch>`; nothing is copied per plugin.
+//! A batch of fetched messages of one partition, copied out of the client into a few flat
+//! buffers so that a batch costs a handful of allocations however many messages it holds:
+//! keys and values each in a column of Arrow's layout (`column`), so that they can be
+//! exported without copying, and header bytes apart. Every lane reads the same
+//! `Arc<Batch>`; nothing is copied per plugin.
+
+mod column;
 
 use std::any::Any;
 use std::ops::Range;
 use std::sync::{Arc, OnceLock};
 
-/// Where one message's bytes sit in `Batch::bytes`.
+pub use column::BinaryColumn;
+
+/// Where one header name's or value's bytes sit in `Batch::header_bytes`.
 #[derive(Clone, Copy, Debug)]
 struct Span {
     start: u32,
@@ -25,12 +31,11 @@ struct Header {
     value: Option<Span>,
 }
 
+/// A message's fields other than its key and value (those are entry `i` of the columns).
 #[derive(Clone, Debug)]
 struct Record {
     offset: i64,
     timestamp: Option<i64>,
-    key: Option<Span>,
-    value: Option<Span>,
     headers: Range<u32>,
 }
 
@@ -47,8 +52,10 @@ pub struct Partition {
 pub struct Batch {
     partition: Partition,
     records: Vec<Record>,
+    keys: BinaryColumn,
+    values: BinaryColumn,
     headers: Vec<Header>,
-    bytes: Vec<u8>,
+    header_bytes: Vec<u8>,
     /// Objects the host (the Python layer) builds once for this batch and shares between
     /// its plugins; the core never looks inside.
     host: OnceLock<Box<dyn Any + Send + Sync>>,
@@ -61,14 +68,14 @@ pub struct MessageView<'a> {
     pub timestamp: Option<i64>,
     pub key: Option<&'a [u8]>,
     pub value: Option<&'a [u8]>,
-    bytes: &'a [u8],
+    header_bytes: &'a [u8],
     headers: &'a [Header],
 }
 
 impl<'a> MessageView<'a> {
     /// The headers as `(name, value)` pairs, in the order the producer wrote them.
     pub fn headers(&self) -> impl ExactSizeIterator<Item = (&'a [u8], Option<&'a [u8]>)> + 'a {
-        let bytes = self.bytes;
+        let bytes = self.header_bytes;
         self.headers.iter().map(move |h| (&bytes[h.name.range()], h.value.map(|v| &bytes[v.range()])))
     }
 }
@@ -88,7 +95,17 @@ impl Batch {
 
     /// Payload bytes held (keys, values and headers).
     pub fn byte_len(&self) -> usize {
-        self.bytes.len()
+        self.keys.byte_len() + self.values.byte_len() + self.header_bytes.len()
+    }
+
+    /// The keys, entry `i` being message `i`'s.
+    pub fn keys(&self) -> &BinaryColumn {
+        &self.keys
+    }
+
+    /// The values, entry `i` being message `i`'s.
+    pub fn values(&self) -> &BinaryColumn {
+        &self.values
     }
 
     /// Names `count` messages of the batch, from position `first` to `last`, for logs and
@@ -119,9 +136,9 @@ impl Batch {
         MessageView {
             offset: r.offset,
             timestamp: r.timestamp,
-            key: r.key.map(|s| &self.bytes[s.range()]),
-            value: r.value.map(|s| &self.bytes[s.range()]),
-            bytes: &self.bytes,
+            key: self.keys.get(index),
+            value: self.values.get(index),
+            header_bytes: &self.header_bytes,
             headers: &self.headers[r.headers.start as usize..r.headers.end as usize],
         }
     }
@@ -156,13 +173,22 @@ pub trait Fetched {
 pub struct BatchBuilder {
     partition: Partition,
     records: Vec<Record>,
+    keys: BinaryColumn,
+    values: BinaryColumn,
     headers: Vec<Header>,
-    bytes: Vec<u8>,
+    header_bytes: Vec<u8>,
 }
 
 impl BatchBuilder {
     pub fn new(partition: Partition) -> Self {
-        BatchBuilder { partition, records: Vec::new(), headers: Vec::new(), bytes: Vec::new() }
+        BatchBuilder {
+            partition,
+            records: Vec::new(),
+            keys: BinaryColumn::default(),
+            values: BinaryColumn::default(),
+            headers: Vec::new(),
+            header_bytes: Vec::new(),
+        }
     }
 
     pub fn partition(&self) -> &Partition {
@@ -177,42 +203,42 @@ impl BatchBuilder {
         self.records.is_empty()
     }
 
-    fn push_bytes(&mut self, data: &[u8]) -> Span {
-        let start = self.bytes.len() as u32;
-        self.bytes.extend_from_slice(data);
+    fn push_header_bytes(&mut self, data: &[u8]) -> Span {
+        let start = self.header_bytes.len() as u32;
+        self.header_bytes.extend_from_slice(data);
         Span { start, len: data.len() as u32 }
     }
 
     /// Copies one fetched message of this builder's partition into the batch.
     pub fn push(&mut self, message: &impl Fetched) {
         debug_assert!(self.records.last().is_none_or(|r| r.offset < message.offset()), "offsets only grow");
-        let key = message.key().map(|k| self.push_bytes(k));
-        let value = message.value().map(|v| self.push_bytes(v));
+        self.keys.push(message.key());
+        self.values.push(message.value());
         let header_start = self.headers.len() as u32;
         message.for_each_header(&mut |name, value| {
-            let name = self.push_bytes(name);
-            let value = value.map(|v| self.push_bytes(v));
+            let name = self.push_header_bytes(name);
+            let value = value.map(|v| self.push_header_bytes(v));
             self.headers.push(Header { name, value });
         });
         self.records.push(Record {
             offset: message.offset(),
             timestamp: message.timestamp(),
-            key,
-            value,
             headers: header_start..self.headers.len() as u32,
         });
     }
 
     /// Hands out the filled batch and starts an empty one with as much room.
     pub fn take(&mut self) -> Arc<Batch> {
-        let (record_room, byte_room) = (self.records.capacity(), self.bytes.capacity());
+        let record_room = self.records.capacity();
         let records = std::mem::replace(&mut self.records, Vec::with_capacity(record_room));
-        let bytes = std::mem::replace(&mut self.bytes, Vec::with_capacity(byte_room));
         Arc::new(Batch {
             partition: self.partition.clone(),
             records,
+            keys: self.keys.take(),
+            values: self.values.take(),
+            // Headers are rare: no room kept for them.
             headers: std::mem::take(&mut self.headers),
-            bytes,
+            header_bytes: std::mem::take(&mut self.header_bytes),
             host: OnceLock::new(),
         })
     }
@@ -220,8 +246,10 @@ impl BatchBuilder {
     /// Drops what was gathered (the partition was revoked before the batch was sealed).
     pub fn clear(&mut self) {
         self.records.clear();
+        self.keys.clear();
+        self.values.clear();
         self.headers.clear();
-        self.bytes.clear();
+        self.header_bytes.clear();
     }
 }
 
@@ -323,6 +351,25 @@ mod tests {
         let headers: Vec<_> = batch.get(1).headers().collect();
         assert_eq!(headers, vec![(&b"h1"[..], Some(&b"v1"[..])), (&b"h2"[..], None)]);
         assert_eq!(batch.get(2).value, Some(&b""[..]));
+    }
+
+    #[test]
+    fn keys_and_values_are_columns_and_headers_lie_apart() {
+        let mut builder = builder();
+        builder.push(&message(0, b"zero", vec![(b"h".to_vec(), Some(b"hv".to_vec()))]));
+        builder.push(&Message { key: None, value: None, ..message(1, b"", Vec::new()) });
+        builder.push(&message(2, b"", Vec::new()));
+        let batch = builder.take();
+        assert_eq!(batch.values().offsets(), &[0, 4, 4, 4]);
+        assert_eq!(batch.values().data(), b"zero");
+        assert_eq!(
+            (batch.values().null_count(), batch.values().get(1), batch.values().get(2)),
+            (1, None, Some(&b""[..]))
+        );
+        assert_eq!(batch.keys().data(), b"k0k2");
+        assert_eq!(batch.keys().validity(), &[0b101]);
+        assert_eq!(batch.byte_len(), 4 + 4 + 3, "values, keys and header bytes");
+        assert_eq!(batch.get(0).headers().collect::<Vec<_>>(), vec![(&b"h"[..], Some(&b"hv"[..]))]);
     }
 
     #[test]

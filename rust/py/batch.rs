@@ -10,6 +10,7 @@ use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
 use pyo3::types::{PyBytes, PyList, PyString, PyTuple};
 
+use super::arrow::{Field, PyArrowColumn};
 use crate::core::batch::Batch;
 use crate::core::lane::Chunk;
 
@@ -155,6 +156,14 @@ impl PyBatch {
         }
     }
 
+    /// The call's entries of `field`, for Arrow.
+    fn arrow_column(&self, field: Field) -> PyArrowColumn {
+        match &self.selection {
+            Selection::Range(range) => PyArrowColumn::slice(&self.batch, field, range.clone()),
+            Selection::Positions(positions) => PyArrowColumn::gather(&self.batch, field, positions),
+        }
+    }
+
     /// Seconds until the deadline; negative once it has passed.
     fn seconds_left(&self) -> Option<f64> {
         let deadline = self.deadline?;
@@ -191,6 +200,17 @@ impl PyBatch {
     /// The message values in order, without building `Message` objects.
     fn values<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
         Ok(self.select(values(py, &self.batch)?)?.to_list())
+    }
+
+    /// The message values in order as an Arrow array (nullable large binary), without a
+    /// Python object per message and without copying.
+    fn arrow_values(&self) -> PyArrowColumn {
+        self.arrow_column(Field::Values)
+    }
+
+    /// The message keys in order as an Arrow array, like `arrow_values()`.
+    fn arrow_keys(&self) -> PyArrowColumn {
+        self.arrow_column(Field::Keys)
     }
 
     /// The topic every message of the batch comes from.

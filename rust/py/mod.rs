@@ -1,5 +1,6 @@
 //! The pyo3 boundary: the only part of the crate that knows about Python.
 
+mod arrow;
 mod batch;
 mod consumer;
 mod errors;
@@ -27,6 +28,7 @@ fn close_interpreter_gate(py: Python<'_>) -> (usize, usize) {
 
 pub fn init_pymodule(m: &Bound<'_, PyModule>) -> PyResult<()> {
     logs::install()?;
+    arrow::init_pymodule(m)?;
     batch::init_pymodule(m)?;
     consumer::init_pymodule(m)?;
     inspect::init_pymodule(m)?;
