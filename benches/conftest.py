@@ -35,6 +35,7 @@ from drain import (  # noqa: E402
 )
 from kafka import RealCluster, real_broker  # noqa: E402
 from rate import (  # noqa: E402
+    PACE_MESSAGES,
     PRODUCER_LINGER_MS,
     SEED_PARTITIONS,
     SEED_PLUGINS,
@@ -179,6 +180,7 @@ def rates_document(config: pytest.Config) -> dict[str, Any] | None:
             "batch_size": BATCH_SIZE,
             "fetch_wait_max_ms": FETCH_WAIT_MAX_MS,
             "producer_linger_ms": PRODUCER_LINGER_MS,
+            "producer_chunk": PACE_MESSAGES,
             "seconds": settings.seconds,
             "warmup": settings.warmup,
             "tail": settings.tail,

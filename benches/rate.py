@@ -17,10 +17,11 @@ writes the number it sent to the consumer's stdin, and the consumer stops when e
 has seen that many messages, then prints one JSON line.
 
 The producer writes ``rate`` messages/s of :data:`VALUE_SIZE` bytes round-robin over the
-partitions, paced every millisecond (a smooth stream, as from many independent producers;
-bursts of a thousand would make batching look easier than it is), with
-``linger.ms`` = :data:`PRODUCER_LINGER_MS`. Each message's timestamp is its CreateTime, set
-by librdkafka when ``produce()`` is called; the consumer runs on the same machine, so a
+partitions, ``chunk`` messages at a time (:data:`PACE_MESSAGES` unless the plan says
+otherwise) on a fixed schedule: a smooth stream, as from many independent producers, where
+bursts of a thousand would make batching look easier than it is. Its ``linger.ms`` is
+librdkafka's default, :data:`PRODUCER_LINGER_MS`. Each message's timestamp is its CreateTime,
+set by librdkafka when ``produce()`` is called; the consumer runs on the same machine, so a
 plugin call's ``time.time()`` minus it is the message's delivery latency.
 
 The consumers are the two of ``drain.py``, with the same settings: ``fastconsume`` runs
@@ -60,9 +61,11 @@ SEED_RATE = 14_666
 """Messages per second of the service this project replaces."""
 SEED_PARTITIONS = 6
 SEED_PLUGINS = 3
-PRODUCER_LINGER_MS = 1
-PACE_SECONDS = 0.001
-"""The producer's tick: at 14,666 msg/s, about 15 messages each."""
+PRODUCER_LINGER_MS = 5
+PACE_MESSAGES = 100
+"""Messages the producer writes at once: at 14,666 msg/s, every 6.8 ms. Finer pacing (a
+``chunk`` of 10 is every 0.7 ms at that rate) makes the broker answer fetches more often, so
+both consumers wake more often for the same messages."""
 LATENCY_STRIDE = 10
 """Every 10th message a plugin sees has its latency taken: enough for a p99, and cheap
 (one ``Message`` or ``timestamp()`` call per 10 messages) for both implementations."""
@@ -106,14 +109,17 @@ def produce_main(args: argparse.Namespace) -> int:
 
     value = json_value(VALUE_SIZE)
     producer.list_topics(args.topic, timeout=30)  # connected and the topic known before the clock starts
-    sent = 0
+    total = int(args.rate * args.seconds)
+    interval = args.chunk / args.rate
+    sent = ticks = 0
     started = time.monotonic()
     print(json.dumps({"event": "started", "epoch": time.time()}), flush=True)
-    end = started + args.seconds
-    tick = started
-    while (now := time.monotonic()) < end:
-        due = int((now - started) * args.rate)
-        while sent < due:
+    while sent < total:
+        # On a schedule, not after a sleep of its own: a late tick is followed at once by the next.
+        time.sleep(max(0.0, started + ticks * interval - time.monotonic()))
+        ticks += 1
+        upto = min(total, sent + args.chunk)
+        while sent < upto:
             try:
                 producer.produce(args.topic, value, partition=sent % args.partitions, on_delivery=delivered)
             except BufferError:
@@ -121,8 +127,6 @@ def produce_main(args: argparse.Namespace) -> int:
                 continue
             sent += 1
         producer.poll(0)
-        tick += PACE_SECONDS
-        time.sleep(max(0.0, tick - time.monotonic()))
     elapsed = time.monotonic() - started
     left = producer.flush(60)
     print(json.dumps({"sent": sent, "seconds": elapsed, "undelivered": left, "failed": failed}), flush=True)
@@ -170,8 +174,13 @@ def read_target(tally: Tally, stream: IO[str], on_target: Callable[[], None]) ->
     on_target()
 
 
+def kafka_settings(args: argparse.Namespace) -> dict[str, int]:
+    """drain.py's ``fetch.wait.max.ms``, or nothing: the library's defaults (``--kafka-defaults``)."""
+    return {} if args.kafka_defaults else {"fetch.wait.max.ms": FETCH_WAIT_MAX_MS}
+
+
 def consume_fastconsume(args: argparse.Namespace, tally: Tally) -> dict[str, Any]:
-    app = fc.App(args.bootstrap, args.group, [args.topic], kafka={"fetch.wait.max.ms": FETCH_WAIT_MAX_MS})
+    app = fc.App(args.bootstrap, args.group, [args.topic], kafka=kafka_settings(args))
 
     def finish_if_done() -> None:
         if tally.done:
@@ -222,7 +231,7 @@ def consume_confluent(args: argparse.Namespace, tally: Tally) -> dict[str, Any]:
             "group.id": args.group,
             "auto.offset.reset": "earliest",
             "enable.auto.commit": True,
-            "fetch.wait.max.ms": FETCH_WAIT_MAX_MS,
+            **kafka_settings(args),
         }
     )
 
@@ -379,6 +388,7 @@ class RatePlan:
     tail: float
     partitions: int = SEED_PARTITIONS
     plugins: int = SEED_PLUGINS
+    chunk: int = PACE_MESSAGES
 
     @property
     def window(self) -> float:
@@ -479,11 +489,12 @@ def _stop(proc: subprocess.Popen[str]) -> None:
 
 
 def _consumer(
-    impl: str, *, bootstrap: str, topic: str, group: str, plan: RatePlan, log: IO[str]
+    impl: str, *, bootstrap: str, topic: str, group: str, plan: RatePlan, log: IO[str], kafka_defaults: bool = False
 ) -> subprocess.Popen[str]:
     cmd = [
         sys.executable, str(SCRIPT), "consume", impl, "--bootstrap", bootstrap, "--topic", topic,
         "--group", group, "--partitions", str(plan.partitions), "--plugins", str(plan.plugins),
+        *(["--kafka-defaults"] if kafka_defaults else []),
     ]  # fmt: skip
     return subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, text=True, bufsize=1)
 
@@ -519,7 +530,8 @@ def run_round(impl: str, *, bootstrap: str, topic: str, group: str, plan: RatePl
             _read_event(consumer, time.monotonic() + READY_TIMEOUT, "assignment of every partition", log)
             producer = subprocess.Popen(
                 [sys.executable, str(SCRIPT), "produce", "--bootstrap", bootstrap, "--topic", topic,
-                 "--partitions", str(plan.partitions), "--rate", str(plan.rate), "--seconds", str(plan.seconds)],
+                 "--partitions", str(plan.partitions), "--rate", str(plan.rate), "--seconds", str(plan.seconds),
+                 "--chunk", str(plan.chunk)],
                 stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True,
             )  # fmt: skip
             _read_event(producer, time.monotonic() + 60, "first message produced", log)
@@ -555,12 +567,17 @@ def run_round(impl: str, *, bootstrap: str, topic: str, group: str, plan: RatePl
 
 def run_idle(impl: str, *, bootstrap: str, topic: str, group: str, settle: float, seconds: float) -> Window:
     """A consumer of an empty topic: what it does in ``seconds`` once it has held every
-    partition for ``settle`` seconds."""
+    partition for ``settle`` seconds. With the library's defaults: idle, librdkafka's
+    fetch long-poll (``fetch.wait.max.ms``) is most of what remains, and the benchmarks'
+    100 ms (drain.py's, for throughput) would make its wake-ups five times as frequent as a
+    user's."""
     plan = RatePlan(rate=0, seconds=seconds, warmup=0.0, tail=0.0)
     with tempfile.TemporaryDirectory(prefix="fastconsume-idle-") as tmp:
         log = Path(tmp) / "consumer.log"
         with log.open("w") as log_file:
-            consumer = _consumer(impl, bootstrap=bootstrap, topic=topic, group=group, plan=plan, log=log_file)
+            consumer = _consumer(
+                impl, bootstrap=bootstrap, topic=topic, group=group, plan=plan, log=log_file, kafka_defaults=True
+            )
         try:
             _read_event(consumer, time.monotonic() + READY_TIMEOUT, "assignment of every partition", log)
             time.sleep(settle)
@@ -636,10 +653,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     produce = roles.add_parser("produce", help="write a steady load")
     produce.add_argument("--rate", type=int, required=True)
     produce.add_argument("--seconds", type=float, required=True)
+    produce.add_argument("--chunk", type=int, default=PACE_MESSAGES, help="messages written at once")
     consume = roles.add_parser("consume", help="consume through trivial plugins until told the total")
     consume.add_argument("impl", choices=IMPLEMENTATIONS)
     consume.add_argument("--group", required=True)
     consume.add_argument("--plugins", type=int, default=SEED_PLUGINS)
+    consume.add_argument("--kafka-defaults", action="store_true", help="no fetch.wait.max.ms of drain.py's")
     for role in (produce, consume):
         role.add_argument("--bootstrap", required=True)
         role.add_argument("--topic", required=True)

@@ -18,6 +18,8 @@ the medians and each round's values.
 
 from __future__ import annotations
 
+import doctest
+import importlib
 import statistics
 from collections.abc import Sequence
 
@@ -52,6 +54,14 @@ class ShareClock:
 
 
 CLOCK = ShareClock()
+
+
+@pytest.mark.parametrize("name", ["rate", "rate_report", "plot_rates"])
+def test_docstring_examples(name: str) -> None:
+    """The examples in the benchmark modules' docstrings hold (no broker needed)."""
+    result = doctest.testmod(importlib.import_module(name))
+    assert result.attempted > 0, f"{name} has no docstring examples"
+    assert result.failed == 0
 
 
 def replay(benchmark: BenchmarkFixture, windows: Sequence[Window]) -> None:
