@@ -42,10 +42,10 @@ def plot(doc: Mapping[str, Any], out: Path) -> Path:
     for impl in impls:
         rows = sorted((row for row in sweep if row["impl"] == impl), key=lambda row: row["rate"])
         colour = COLOURS[impl]
+        above = impl == "fastconsume"  # its labels above its points, the loop's below: they may be close
         if rows:
             xs, ys = [row["produced_rate"] for row in rows], [row["cpu_percent"] for row in rows]
             cpu_ax.plot(xs, ys, "o-", color=colour, label=LABELS[impl])
-            above = impl == "fastconsume"  # its labels above its points, the loop's below: they may be close
             for x, y in zip(xs, ys, strict=True):
                 cpu_ax.annotate(f"{y:.1f}", (x, y), textcoords="offset points", xytext=(0, 7 if above else -13),
                                 ha="center", fontsize=8, color=colour)  # fmt: skip
@@ -53,8 +53,9 @@ def plot(doc: Mapping[str, Any], out: Path) -> Path:
             if row["impl"] == impl:
                 x, y = row["msg_per_s"], row["cpu_percent"]
                 cpu_ax.plot([x], [y], "*", color=colour, markersize=14)
-                cpu_ax.annotate(f"drain {row['cpu_us_per_msg']:.2f} µs/msg", (x, y), textcoords="offset points",
-                                xytext=(-8, -4), ha="right", fontsize=8, color=colour)  # fmt: skip
+                label = f"drain ({row['partitions']} partitions): {row['cpu_us_per_msg']:.2f} µs/msg"
+                cpu_ax.annotate(label, (x, y), textcoords="offset points", xytext=(-10, 6 if above else -12),
+                                ha="right", fontsize=8, color=colour)  # fmt: skip
     _log_axes(cpu_ax)
     cpu_ax.set_xlabel("messages per second (produced; drain: consumed)")
     cpu_ax.set_ylabel("consumer CPU, % of one core")
