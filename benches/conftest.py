@@ -46,7 +46,7 @@ from rate import (  # noqa: E402
 from rate_report import series_rows, summary_lines  # noqa: E402
 
 FULL = (200_000, 5)  # messages, rounds
-QUICK = (50_000, 3)
+QUICK = (200_000, 3)
 
 
 RATE_FULL = RateSettings(seconds=20.0, warmup=3.0, tail=1.0, rounds=3)
