@@ -10,6 +10,8 @@ JSON hold the drain times rather than process start-up and group-join noise.
 
 ``extra_info`` holds the medians and the per-round values of consumer-process CPU
 microseconds per message and messages per second; the session ends with a two-row table.
+:func:`test_drain_gate` is the CI gate: the quick pass fails if fastconsume's median CPU per
+message is above the loop's in the same run (a ratio, never an absolute time).
 """
 
 from __future__ import annotations
@@ -39,6 +41,8 @@ class DrainClock:
 
 
 CLOCK = DrainClock()
+GATE = 1.0
+"""fastconsume's median CPU per message over the loop's, at most."""
 
 
 @pytest.mark.benchmark(group="drain", timer=CLOCK)
@@ -85,3 +89,20 @@ def test_drain(
         wall_seconds_rounds=[r.wall_seconds for r in rounds],
     )
     drain_report.rows[impl] = row
+
+
+@pytest.mark.timeout(600)
+def test_drain_gate(request: pytest.FixtureRequest, pytestconfig: pytest.Config, drain_plan: DrainPlan) -> None:
+    """The CI gate in drain: fastconsume's median CPU per message is at most the loop's."""
+    if pytestconfig.getoption("benchmark_skip"):
+        pytest.skip("benchmarks skipped (--benchmark-skip)")
+    drain_rounds: dict[str, list[RoundResult]] = request.getfixturevalue("drain_rounds")
+    n = drain_plan.messages
+    for impl, rounds in drain_rounds.items():
+        assert all(r.counts == (n, n, n) for r in rounds), f"{impl}: {[r.counts for r in rounds]}, expected {n} each"
+    fc = statistics.median(r.cpu_us_per_msg for r in drain_rounds["fastconsume"])
+    loop = statistics.median(r.cpu_us_per_msg for r in drain_rounds["confluent"])
+    assert fc <= GATE * loop, (
+        f"in drain fastconsume used {fc:.2f} CPU us/msg, the confluent loop {loop:.2f} ({fc / loop:.2f}x; "
+        f"medians of {len(drain_rounds['fastconsume'])} alternating rounds; gate {GATE}x)"
+    )
