@@ -24,9 +24,11 @@ librdkafka's default, :data:`PRODUCER_LINGER_MS`. Each message's timestamp is it
 set by librdkafka when ``produce()`` is called; the consumer runs on the same machine, so a
 plugin call's ``time.time()`` minus it is the message's delivery latency.
 
-The consumers are the two of ``drain.py``, with the same settings: ``fastconsume`` runs
-plugins as ``App`` plugins; ``confluent`` is the hand-written confluent-kafka loop they
-replace (``consume(1000)``, then each plugin called on the list of values). The plugins are
+The consumers are the two of ``drain.py``, each with its library's defaults (as a user runs
+it; drain.py's ``fetch.wait.max.ms`` is for throughput, and at a steady rate fastconsume sizes
+its fetches to linger unless told otherwise): ``fastconsume`` runs plugins as ``App``
+plugins; ``confluent`` is the hand-written confluent-kafka loop they replace
+(``consume(1000)``, then each plugin called on the list of values). The plugins are
 trivial: the first sums the values' lengths (and samples latencies), the others count them.
 """
 
@@ -54,7 +56,7 @@ from confluent_kafka import Consumer, Producer, TopicPartition
 
 import fastconsume as fc
 
-from drain import BATCH_SIZE, FETCH_WAIT_MAX_MS, IMPLEMENTATIONS, VALUE_SIZE
+from drain import BATCH_SIZE, IMPLEMENTATIONS, VALUE_SIZE
 
 SCRIPT = Path(__file__).resolve()
 SEED_RATE = 14_666
@@ -174,13 +176,8 @@ def read_target(tally: Tally, stream: IO[str], on_target: Callable[[], None]) ->
     on_target()
 
 
-def kafka_settings(args: argparse.Namespace) -> dict[str, int]:
-    """drain.py's ``fetch.wait.max.ms``, or nothing: the library's defaults (``--kafka-defaults``)."""
-    return {} if args.kafka_defaults else {"fetch.wait.max.ms": FETCH_WAIT_MAX_MS}
-
-
 def consume_fastconsume(args: argparse.Namespace, tally: Tally) -> dict[str, Any]:
-    app = fc.App(args.bootstrap, args.group, [args.topic], kafka=kafka_settings(args))
+    app = fc.App(args.bootstrap, args.group, [args.topic])
 
     def finish_if_done() -> None:
         if tally.done:
@@ -231,7 +228,6 @@ def consume_confluent(args: argparse.Namespace, tally: Tally) -> dict[str, Any]:
             "group.id": args.group,
             "auto.offset.reset": "earliest",
             "enable.auto.commit": True,
-            **kafka_settings(args),
         }
     )
 
@@ -489,12 +485,11 @@ def _stop(proc: subprocess.Popen[str]) -> None:
 
 
 def _consumer(
-    impl: str, *, bootstrap: str, topic: str, group: str, plan: RatePlan, log: IO[str], kafka_defaults: bool = False
+    impl: str, *, bootstrap: str, topic: str, group: str, plan: RatePlan, log: IO[str]
 ) -> subprocess.Popen[str]:
     cmd = [
         sys.executable, str(SCRIPT), "consume", impl, "--bootstrap", bootstrap, "--topic", topic,
         "--group", group, "--partitions", str(plan.partitions), "--plugins", str(plan.plugins),
-        *(["--kafka-defaults"] if kafka_defaults else []),
     ]  # fmt: skip
     return subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, text=True, bufsize=1)
 
@@ -575,9 +570,7 @@ def run_idle(impl: str, *, bootstrap: str, topic: str, group: str, settle: float
     with tempfile.TemporaryDirectory(prefix="fastconsume-idle-") as tmp:
         log = Path(tmp) / "consumer.log"
         with log.open("w") as log_file:
-            consumer = _consumer(
-                impl, bootstrap=bootstrap, topic=topic, group=group, plan=plan, log=log_file, kafka_defaults=True
-            )
+            consumer = _consumer(impl, bootstrap=bootstrap, topic=topic, group=group, plan=plan, log=log_file)
         try:
             _read_event(consumer, time.monotonic() + READY_TIMEOUT, "assignment of every partition", log)
             time.sleep(settle)
@@ -658,7 +651,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     consume.add_argument("impl", choices=IMPLEMENTATIONS)
     consume.add_argument("--group", required=True)
     consume.add_argument("--plugins", type=int, default=SEED_PLUGINS)
-    consume.add_argument("--kafka-defaults", action="store_true", help="no fetch.wait.max.ms of drain.py's")
     for role in (produce, consume):
         role.add_argument("--bootstrap", required=True)
         role.add_argument("--topic", required=True)
