@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import threading
 import time
@@ -42,7 +41,7 @@ import pyarrow.compute as pc
 
 import fastconsume as fc
 
-from drain import BATCH_SIZE, FETCH_WAIT_MAX_MS, IDLE_TIMEOUT, ROUND_TIMEOUT, RoundResult, thread_cpu
+from drain import BATCH_SIZE, FETCH_WAIT_MAX_MS, IDLE_TIMEOUT, RoundResult, run_child, thread_cpu
 
 SCRIPT = Path(__file__).resolve()
 IMPLEMENTATIONS = ("arrow", "values")
@@ -170,24 +169,7 @@ def run_round(impl: str, *, bootstrap: str, topic: str, group: str, messages: in
     Raises ``RuntimeError`` if the process fails or reports no complete drain; the caller
     checks the count and bytes against what it produced.
     """
-    cmd = [
-        sys.executable, str(SCRIPT), impl,
-        "--bootstrap", bootstrap, "--topic", topic, "--group", group, "--messages", str(messages),
-    ]  # fmt: skip
-    proc = subprocess.run(
-        cmd, check=False, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=ROUND_TIMEOUT
-    )
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
-    if proc.returncode != 0 or not lines:
-        raise RuntimeError(
-            f"{' '.join(cmd)} exited with {proc.returncode}:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
-        )
-    raw: dict[str, Any] = json.loads(lines[-1])
-    if raw["cpu_seconds"] is None or raw["wall_seconds"] is None:
-        raise RuntimeError(
-            f"{impl} drained {raw['messages']} of {messages} messages before giving up "
-            f"(no message for {IDLE_TIMEOUT:.0f} s): {raw}\n{proc.stderr[-4000:]}"
-        )
+    raw = run_child(SCRIPT, impl, bootstrap=bootstrap, topic=topic, group=group, messages=messages)
     return RoundResult(
         impl=impl,
         messages=int(raw["messages"]),

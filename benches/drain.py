@@ -272,8 +272,23 @@ def run_round(impl: str, *, bootstrap: str, topic: str, group: str, messages: in
     Raises ``RuntimeError`` if the process fails or reports no complete drain; the caller
     checks the counts against what it produced.
     """
+    raw = run_child(SCRIPT, impl, bootstrap=bootstrap, topic=topic, group=group, messages=messages)
+    return RoundResult(
+        impl=impl,
+        messages=int(raw["messages"]),
+        counts=tuple(int(c) for c in raw["counts"]),
+        bytes=int(raw["bytes"]),
+        cpu_seconds=float(raw["cpu_seconds"]),
+        wall_seconds=float(raw["wall_seconds"]),
+        raw=raw,
+    )
+
+
+def run_child(script: Path, impl: str, *, bootstrap: str, topic: str, group: str, messages: int) -> dict[str, Any]:
+    """Runs ``script impl`` (a drain of ``messages`` in a fresh process) and returns the JSON
+    line it printed last; raises ``RuntimeError`` if it failed or did not drain them all."""
     cmd = [
-        sys.executable, str(SCRIPT), impl,
+        sys.executable, str(script), impl,
         "--bootstrap", bootstrap, "--topic", topic, "--group", group, "--messages", str(messages),
     ]  # fmt: skip
     proc = subprocess.run(
@@ -290,15 +305,26 @@ def run_round(impl: str, *, bootstrap: str, topic: str, group: str, messages: in
             f"{impl} drained {raw['messages']} of {messages} messages before giving up "
             f"(no message for {IDLE_TIMEOUT:.0f} s): {raw}\n{proc.stderr[-4000:]}"
         )
-    return RoundResult(
-        impl=impl,
-        messages=int(raw["messages"]),
-        counts=tuple(int(c) for c in raw["counts"]),
-        bytes=int(raw["bytes"]),
-        cpu_seconds=float(raw["cpu_seconds"]),
-        wall_seconds=float(raw["wall_seconds"]),
-        raw=raw,
-    )
+    return raw
+
+
+class ReplayClock:
+    """A timer for pytest-benchmark that stands still except when a round is replayed: the
+    benchmarks advance it by what each round measured in its own process, so that
+    pytest-benchmark's statistics hold those values rather than process start-up."""
+
+    def __init__(self, holds: str) -> None:
+        self.now = 0.0
+        self.holds = holds
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+    def __repr__(self) -> str:
+        return f"ReplayClock({self.holds})"
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ from pytest_benchmark.fixture import BenchmarkFixture
 
 from fastconsume.testing import produce
 
-from drain import PARTITIONS, VALUE_SIZE, DrainPlan, RoundResult
+from drain import PARTITIONS, VALUE_SIZE, DrainPlan, ReplayClock, RoundResult
 from kafka import RealCluster
 
 ARROW_FULL = DrainPlan(messages=1_000_000, rounds=5)
@@ -48,23 +48,7 @@ hundred calls of a process cost both ways twice what later ones do (allocators a
 warming), and a call's CPU time on a shared 2-core machine varies by a third."""
 
 
-class ReplayClock:
-    """A timer for pytest-benchmark that stands still except when a round is replayed."""
-
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
-
-    def __repr__(self) -> str:
-        return "ReplayClock(drain wall seconds of each round, measured in its process)"
-
-
-CLOCK = ReplayClock()
+CLOCK = ReplayClock("drain wall seconds of each round, measured in its process")
 
 
 @dataclass

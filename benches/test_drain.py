@@ -21,26 +21,9 @@ import statistics
 import pytest
 from pytest_benchmark.fixture import BenchmarkFixture
 
-from drain import IMPLEMENTATIONS, VALUE_SIZE, DrainPlan, DrainReport, RoundResult
+from drain import IMPLEMENTATIONS, VALUE_SIZE, DrainPlan, DrainReport, ReplayClock, RoundResult
 
-
-class DrainClock:
-    """A timer for pytest-benchmark that stands still except when a round is replayed."""
-
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
-
-    def __repr__(self) -> str:
-        return "DrainClock(drain wall seconds of each round, measured in its process)"
-
-
-CLOCK = DrainClock()
+CLOCK = ReplayClock("drain wall seconds of each round, measured in its process")
 GATE = 1.0
 """fastconsume's median CPU per message over the loop's, at most."""
 

@@ -26,7 +26,7 @@ from collections.abc import Sequence
 import pytest
 from pytest_benchmark.fixture import BenchmarkFixture
 
-from drain import IMPLEMENTATIONS, VALUE_SIZE
+from drain import IMPLEMENTATIONS, VALUE_SIZE, ReplayClock
 from rate import SEED_RATE, RatePlan, RateResult, RateRunner, RateSettings, Window
 from rate_report import rate_row
 
@@ -37,23 +37,7 @@ GATE = 1.0
 IDLE_LIMIT_PERCENT = 0.1
 
 
-class ShareClock:
-    """A timer for pytest-benchmark that stands still except when a round is replayed."""
-
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
-
-    def __repr__(self) -> str:
-        return "ShareClock(consumer CPU seconds per window second of each round, measured from /proc)"
-
-
-CLOCK = ShareClock()
+CLOCK = ReplayClock("consumer CPU seconds per window second of each round, measured from /proc")
 
 
 @pytest.mark.parametrize("name", ["rate", "rate_report", "plot_rates"])
